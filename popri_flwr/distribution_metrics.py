@@ -1,0 +1,196 @@
+"""Distribution metrics between two sets of text embeddings (rows = samples).
+
+* :func:`fid`: Fréchet distance between Gaussian fits, the per-round metric of the paper.
+* :func:`precision_recall`: k-NN manifold precision/recall (Kynkäänniemi et al., 2019).
+* :func:`mean_cosine_to_nearest`: average cosine similarity of each synthetic sample to its
+  nearest real sample.
+
+numpy/scipy only, so the server can compute them without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+from scipy import linalg
+from scipy.spatial.distance import cdist
+
+logger = logging.getLogger(__name__)
+
+# Rows of the query set processed at once in k-NN distance computations (memory ~ chunk * n * 8 B).
+_CHUNK = 1024
+
+
+def _as_2d(x: np.ndarray, name: str, fn: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{fn}: {name} must be a 2-d array (samples x dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{fn}: {name} contains NaN or inf")
+    return x
+
+
+def _check_pair(a, b, names: tuple[str, str], fn: str, min_rows: int) -> tuple:
+    a, b = _as_2d(a, names[0], fn), _as_2d(b, names[1], fn)
+    if len(a) < min_rows or len(b) < min_rows:
+        raise ValueError(
+            f"{fn}: needs at least {min_rows} samples in each set, got {len(a)} and {len(b)}"
+        )
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{fn}: embeddings must have the same dimension, got {a.shape[1]} and {b.shape[1]}"
+        )
+    return a, b
+
+
+def fid(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussian fits of two embedding sets.
+
+    ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})`` with sample covariances.
+
+    Parameters
+    ----------
+    a, b
+        Embeddings, shape ``(n_a, d)`` and ``(n_b, d)``, ``n_a, n_b >= 2``.
+    eps
+        Added to both covariance diagonals when ``S_a S_b`` has no usable square root (singular
+        covariances, e.g. fewer samples than dimensions).
+
+    Returns
+    -------
+    float
+        The distance (>= 0, up to round-off; clipped at 0).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 rows in a set, different dimensions, non-finite values.
+    """
+    a, b = _check_pair(a, b, ("a", "b"), "fid", min_rows=2)
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    s_a = np.atleast_2d(np.cov(a, rowvar=False))
+    s_b = np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = _sqrtm(s_a @ s_b)
+    if covmean is None:
+        # Singular product: regularize as pytorch-fid does.
+        offset = np.eye(len(s_a)) * eps
+        logger.debug("fid: singular covariance product, adding %g to the diagonals", eps)
+        covmean = _sqrtm((s_a + offset) @ (s_b + offset))
+        if covmean is None:
+            raise ValueError("fid: could not compute the covariance square root (try a larger eps)")
+    diff = mu_a - mu_b
+    value = diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean)
+    return float(max(value, 0.0))
+
+
+def _sqrtm(m: np.ndarray) -> np.ndarray | None:
+    """Real part of the principal square root, or None when it is unusable."""
+    with warnings.catch_warnings():
+        # scipy warns on (near-)singular input; we check the result ourselves.
+        warnings.simplefilter("ignore")
+        root = linalg.sqrtm(m)
+    if not np.isfinite(root).all():
+        return None
+    if np.iscomplexobj(root):
+        # Round-off gives tiny imaginary parts; large ones mean the root is meaningless.
+        if np.abs(root.imag).max() > 1e-3 * max(np.abs(root.real).max(), 1e-12):
+            return None
+        root = root.real
+    return root
+
+
+def _kth_nn_radius(x: np.ndarray, k: int) -> np.ndarray:
+    """Euclidean distance of each row to its k-th nearest *other* row."""
+    radii = np.empty(len(x))
+    for start in range(0, len(x), _CHUNK):
+        d = cdist(x[start : start + _CHUNK], x)
+        # Column k of the sorted row is the k-th neighbour (column 0 is the point itself;
+        # with duplicates a zero distance to a twin is a legitimate neighbour).
+        radii[start : start + _CHUNK] = np.partition(d, k, axis=1)[:, k]
+    return radii
+
+
+def _inside_fraction(query: np.ndarray, ref: np.ndarray, radii: np.ndarray) -> float:
+    """Fraction of query rows inside at least one ball B(ref_i, radii_i)."""
+    inside = 0
+    for start in range(0, len(query), _CHUNK):
+        d = cdist(query[start : start + _CHUNK], ref)
+        inside += int((d <= radii[None, :]).any(axis=1).sum())
+    return inside / len(query)
+
+
+def precision_recall(real: np.ndarray, synthetic: np.ndarray, k: int = 3) -> dict[str, float]:
+    """k-NN manifold precision and recall (Kynkäänniemi et al., 2019) in embedding space.
+
+    Each sample of a set spans a ball whose radius is the Euclidean distance to its k-th nearest
+    neighbour within the same set; the union of the balls estimates that set's manifold.
+
+    Parameters
+    ----------
+    real, synthetic
+        Embeddings, shape ``(n, d)`` and ``(m, d)``, at least 2 rows each. For unit-norm
+        embeddings Euclidean distance orders neighbours exactly as cosine distance does.
+    k
+        Neighbour rank for the radii. A set with ``n <= k`` rows uses ``k = n - 1`` (logged).
+
+    Returns
+    -------
+    dict
+        ``{"precision": fraction of synthetic samples inside the real manifold,
+        "recall": fraction of real samples inside the synthetic manifold,
+        "k_real": k used for the real radii, "k_synthetic": k used for the synthetic radii}``.
+
+    Raises
+    ------
+    ValueError
+        ``k < 1``, fewer than 2 rows in a set, different dimensions, non-finite values.
+    """
+    if k < 1:
+        raise ValueError(f"precision_recall: k must be >= 1, got {k}")
+    real, synthetic = _check_pair(
+        real, synthetic, ("real", "synthetic"), "precision_recall", min_rows=2
+    )
+    k_real, k_syn = min(k, len(real) - 1), min(k, len(synthetic) - 1)
+    if (k_real, k_syn) != (k, k):
+        logger.info(
+            "precision_recall: small sets (%d real, %d synthetic): k lowered to %d / %d",
+            len(real),
+            len(synthetic),
+            k_real,
+            k_syn,
+        )
+    precision = _inside_fraction(synthetic, real, _kth_nn_radius(real, k_real))
+    recall = _inside_fraction(real, synthetic, _kth_nn_radius(synthetic, k_syn))
+    return {
+        "precision": precision,
+        "recall": recall,
+        "k_real": float(k_real),
+        "k_synthetic": float(k_syn),
+    }
+
+
+def mean_cosine_to_nearest(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """Mean over synthetic samples of the cosine similarity to the nearest real sample.
+
+    Rows are L2-normalized here, so any embeddings work. Swap the arguments for the coverage
+    direction (how close each real sample is to some synthetic one).
+
+    Raises
+    ------
+    ValueError
+        An empty set, different dimensions, non-finite values, or an all-zero row.
+    """
+    real, synthetic = _check_pair(
+        real, synthetic, ("real", "synthetic"), "mean_cosine_to_nearest", min_rows=1
+    )
+    norms_r = np.linalg.norm(real, axis=1, keepdims=True)
+    norms_s = np.linalg.norm(synthetic, axis=1, keepdims=True)
+    if (norms_r == 0).any() or (norms_s == 0).any():
+        raise ValueError("mean_cosine_to_nearest: an embedding row is all zeros")
+    real, synthetic = real / norms_r, synthetic / norms_s
+    best = np.concatenate(
+        [(synthetic[s : s + _CHUNK] @ real.T).max(axis=1) for s in range(0, len(synthetic), _CHUNK)]
+    )
+    return float(best.mean())

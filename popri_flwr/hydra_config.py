@@ -1,0 +1,73 @@
+"""Compose the Hydra config tree outside ``@hydra.main`` (``flwr run``, SuperNodes, tests).
+
+The tree lives in ``configs/`` at the repository root; ``$POPRI_CONFIG_DIR`` points elsewhere.
+``flwr run`` passes the experiment and extra overrides through its run config::
+
+    flwr run . local --run-config "experiment='demo' overrides='rounds=2 privacy.epsilon=7'"
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from popri_flwr.config import ConfigError, RunConfig, load_run_config
+
+
+def config_dir() -> Path:
+    """The directory holding ``config.yaml`` and its groups."""
+    env = os.environ.get("POPRI_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"POPRI_CONFIG_DIR: no config.yaml in {path}")
+    return path
+
+
+def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Compose ``config.yaml`` with Hydra overrides into a plain, resolved dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"overrides: {err}".splitlines()[0]) from None
+    data = OmegaConf.to_container(cfg, resolve=False)
+    data.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+
+
+def load_config(overrides: Sequence[str] = ()) -> RunConfig:
+    """Composed and validated :class:`RunConfig`."""
+    return load_run_config(compose(overrides))
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Build the config from a Flower run config (``[tool.flwr.app.config]`` + --run-config).
+
+    Keys: ``experiment`` (preset name, may be empty), ``overrides`` (space-separated Hydra
+    overrides), ``num-server-rounds`` (> 0 overrides ``rounds``), ``output-dir``.
+    """
+    overrides = []
+    if run_config.get("experiment"):
+        overrides.append(f"experiment={run_config['experiment']}")
+    overrides += shlex.split(str(run_config.get("overrides", "") or ""))
+    if int(run_config.get("num-server-rounds", 0) or 0) > 0:
+        overrides.append(f"rounds={int(run_config['num-server-rounds'])}")
+    out = str(run_config.get("output-dir", "") or "")
+    if out:
+        overrides.append(f"run_dir={out}")
+    cfg = load_config(overrides)
+    if cfg.run_dir is None:
+        cfg.run_dir = str(Path.cwd() / "outputs" / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    return cfg

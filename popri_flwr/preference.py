@@ -1,0 +1,87 @@
+"""Preference pairs from noisy scores (POPri step 6).
+
+Samples are laid out prompt-major: sample ``k`` belongs to prompt ``k // J``. For each prompt
+its J samples are ranked by noisy score (descending); chosen = rank 0, rejected = rank r.
+Everything goes by index, never by string, so duplicate texts keep their own scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PreferencePairs:
+    """Pairs for DPO plus the indices they came from."""
+
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    chosen_index: np.ndarray
+    rejected_index: np.ndarray
+    score_gap: np.ndarray  # noisy score(chosen) - noisy score(rejected), per prompt
+
+    def as_records(self) -> list[dict[str, str]]:
+        """``[{"prompt", "chosen", "rejected"}]`` as TRL's DPOTrainer expects."""
+        return [
+            {"prompt": p, "chosen": c, "rejected": r}
+            for p, c, r in zip(self.prompts, self.chosen, self.rejected, strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def build_pairs(
+    prompts: list[str],
+    samples: list[str],
+    scores: np.ndarray,
+    samples_per_prompt: int,
+    reject_rank: int,
+    skip_empty: bool = True,
+) -> PreferencePairs:
+    """Pick (best, rank-r) per prompt.
+
+    Parameters
+    ----------
+    prompts
+        ``K`` prompts.
+    samples
+        ``K * J`` samples, prompt-major.
+    scores
+        ``K * J`` noisy scores aligned with ``samples``.
+    samples_per_prompt
+        ``J``.
+    reject_rank
+        Zero-based rank of the rejected sample, ``1 <= r < J``.
+    skip_empty
+        Skip a prompt whose chosen or rejected sample is empty (nothing to learn from).
+    """
+    k, j = len(prompts), samples_per_prompt
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(samples) != k * j or scores.shape != (k * j,):
+        raise ValueError(
+            f"preference: expected {k}*{j}={k * j} samples and scores, "
+            f"got {len(samples)} and {scores.shape}"
+        )
+    if not 1 <= reject_rank < j:
+        raise ValueError(f"strategy.reject_rank: must be in [1, {j}), got {reject_rank}")
+    # Stable sort on -score: ties keep generation order, so results are deterministic.
+    order = np.argsort(-scores.reshape(k, j), axis=1, kind="stable")
+    best = order[:, 0] + np.arange(k) * j
+    worse = order[:, reject_rank] + np.arange(k) * j
+    keep = [
+        i
+        for i in range(k)
+        if not skip_empty or (samples[best[i]].strip() and samples[worse[i]].strip())
+    ]
+    return PreferencePairs(
+        prompts=[prompts[i] for i in keep],
+        chosen=[samples[best[i]] for i in keep],
+        rejected=[samples[worse[i]] for i in keep],
+        chosen_index=best[keep],
+        rejected_index=worse[keep],
+        score_gap=scores[best[keep]] - scores[worse[keep]],
+    )

@@ -1,0 +1,198 @@
+"""A run's directory: resolved config, per-round log, samples, adapter, accountant state.
+
+Layout::
+
+    run_dir/
+      config.yaml            resolved config of the run (checked again on resume)
+      rounds.jsonl           one JSON line per finished round (appended, never rewritten)
+      state.json             last finished / last released round + accountant state (atomic)
+      public_set.jsonl       the public initial set
+      samples/round_001.jsonl  samples of round 1 with their noisy scores
+      checkpoint/            strategy state (e.g. LoRA adapter and optimizer)
+
+Resume rules: a round's noisy aggregate is written to disk *before* the accountant state that
+counts it, and both before any work that uses it. A run restarted on the same directory
+continues after the last finished round; a round whose aggregate was already released is
+finished from the saved aggregate, so no client is asked twice and no budget is spent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from popri_flwr.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Config keys that must not change when a run resumes: they define what was spent.
+RESUME_LOCKED_KEYS = (
+    "seed",
+    "privacy",
+    "data",
+    "strategy",
+    "generation.model",
+    "embedder.model",
+)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _dump_json(obj: Any) -> str:
+    # Keep inf/nan as JSON extensions (Python's json reads them back), e.g. epsilon = inf.
+    return json.dumps(obj, default=_json_default, allow_nan=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _get(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+class RunDirectory:
+    """Files of one run. Creating it checks that the directory is writable."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"run_dir: cannot write to {self.path} ({err.strerror})") from None
+        (self.path / "samples").mkdir(exist_ok=True)
+        (self.path / "checkpoint").mkdir(exist_ok=True)
+
+    # --- files ---------------------------------------------------------------------------
+    @property
+    def rounds_log(self) -> Path:
+        return self.path / "rounds.jsonl"
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    def samples_path(self, server_round: int) -> Path:
+        return self.path / "samples" / f"round_{server_round:03d}.jsonl"
+
+    # --- config --------------------------------------------------------------------------
+    def write_config(self, config: Mapping[str, Any], resume: bool) -> None:
+        """Save the resolved config; on resume refuse changes to keys that define the run."""
+        path = self.path / "config.yaml"
+        if path.exists() and self.finished_rounds() > 0:
+            if not resume:
+                raise ConfigError(
+                    f"run_dir: {self.path} already holds a run with finished rounds; "
+                    "set resume=true to continue it or choose another run_dir"
+                )
+            old = yaml.safe_load(path.read_text()) or {}
+            for key in RESUME_LOCKED_KEYS:
+                if _get(old, key) != _get(config, key):
+                    raise ConfigError(
+                        f"{key}: differs from the run being resumed in {path} "
+                        f"(was {_get(old, key)!r}, now {_get(config, key)!r})"
+                    )
+        atomic_write_text(path, yaml.safe_dump(_plain(config), sort_keys=False))
+
+    # --- round log -----------------------------------------------------------------------
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        """Append one finished round's record (flushed and fsynced)."""
+        with open(self.rounds_log, "a", encoding="utf-8") as fh:
+            fh.write(_dump_json(dict(record)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        """All round records; a torn last line (crash while appending) is ignored."""
+        if not self.rounds_log.exists():
+            return []
+        out = []
+        for line in self.rounds_log.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("Ignoring a torn line in %s", self.rounds_log)
+        return out
+
+    def truncate_rounds(self, finished_round: int) -> None:
+        """Drop log lines of rounds after ``finished_round`` (left by a crash before commit)."""
+        rows = self.read_rounds()
+        keep = [r for r in rows if int(r.get("round", 0)) <= finished_round]
+        if len(keep) != len(rows) or (rows and not self.rounds_log.read_text().endswith("\n")):
+            self.write_jsonl(self.rounds_log, keep)
+
+    def finished_rounds(self) -> int:
+        state = self.load_state()
+        return int(state.get("finished_round", 0)) if state else 0
+
+    # --- state ---------------------------------------------------------------------------
+    def load_state(self) -> dict[str, Any] | None:
+        if not self.state_path.exists():
+            return None
+        return json.loads(self.state_path.read_text(encoding="utf-8"))
+
+    def save_state(self, state: Mapping[str, Any]) -> None:
+        atomic_write_text(self.state_path, _dump_json(dict(state)))
+
+    # --- arrays and samples --------------------------------------------------------------
+    def save_array(self, name: str, array: np.ndarray) -> None:
+        path = self.checkpoint_dir / f"{name}.npy"
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+        np.save(tmp, array)
+        os.replace(tmp, path)
+
+    def load_array(self, name: str) -> np.ndarray | None:
+        path = self.checkpoint_dir / f"{name}.npy"
+        return np.load(path) if path.exists() else None
+
+    def write_jsonl(self, path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+        atomic_write_text(path, "".join(_dump_json(dict(r)) + "\n" for r in rows))
+
+    @staticmethod
+    def read_jsonl(path: Path) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+
+
+def _plain(obj: Any) -> Any:
+    """YAML-safe copy (inf -> .inf is fine for yaml; tuples -> lists)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj

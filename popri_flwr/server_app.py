@@ -1,0 +1,111 @@
+"""The package's ServerApp and the factory that builds a strategy from a :class:`RunConfig`.
+
+``app`` is what ``flwr run .`` and a SuperLink deployment start (config from the run config);
+:func:`make_server_app` binds an already-built strategy (Hydra entry point, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from popri_flwr.config import ConfigError, RunConfig, to_dict
+from popri_flwr.data import Federation, load_federation
+from popri_flwr.privacy import PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
+from popri_flwr.run_dir import RunDirectory
+from popri_flwr.strategies import strategy_class
+from popri_flwr.strategies.base import PrivateStrategy
+
+logger = logging.getLogger(__name__)
+
+
+def make_accountant(cfg: RunConfig) -> PrivacyAccountant:
+    """Accountant with sigma calibrated to (epsilon, delta) over ``rounds`` at rate q.
+
+    ``privacy.epsilon = inf`` means no noise (sigma 0) unless a noise multiplier is given.
+    A given noise multiplier must not overspend the target over the configured rounds.
+    """
+    p = cfg.privacy
+    if math.isinf(p.epsilon):
+        logger.warning("privacy.epsilon=inf: NO differential privacy for this run")
+        sigma = p.noise_multiplier or 0.0
+    elif p.noise_multiplier is None:
+        sigma = calibrate_noise_multiplier(p.epsilon, p.delta, cfg.rounds, p.sample_rate)
+    else:
+        sigma = p.noise_multiplier
+        eps = compute_epsilon(sigma, p.sample_rate, cfg.rounds, p.delta)
+        if eps > p.epsilon:
+            raise ConfigError(
+                f"privacy.noise_multiplier: {sigma:g} spends epsilon {eps:.4g} > "
+                f"privacy.epsilon={p.epsilon:g} over {cfg.rounds} rounds; raise it or unset it"
+            )
+    acc = PrivacyAccountant(
+        noise_multiplier=sigma, sample_rate=p.sample_rate, delta=p.delta, target_epsilon=p.epsilon
+    )
+    logger.info(
+        "Privacy: sigma=%.4g for epsilon=%s, delta=%g, %d rounds, q=%g (Poisson, add/remove one "
+        "client, RDP)",
+        sigma,
+        p.epsilon,
+        p.delta,
+        cfg.rounds,
+        p.sample_rate,
+    )
+    return acc
+
+
+def build_strategy(cfg: RunConfig, federation: Federation | None = None) -> PrivateStrategy:
+    """Run directory, accountant, models and the strategy named by ``strategy.name``.
+
+    Everything that can fail on bad input fails here, before any client is contacted.
+    """
+    run_dir = RunDirectory(cfg.run_dir or "outputs/run")
+    run_dir.write_config(to_dict(cfg), resume=cfg.resume)
+    federation = federation or load_federation(cfg.data)
+    accountant = make_accountant(cfg)
+    cls = strategy_class(cfg.strategy.name)
+    return cls.from_config(cfg, run_dir=run_dir, federation=federation, accountant=accountant)
+
+
+def population(cfg: RunConfig, federation: Federation) -> int:
+    """N, the number of clients (= simulated nodes) the sampling rate refers to."""
+    n = cfg.simulation.num_supernodes or federation.num_clients
+    if n > federation.num_clients:
+        raise ConfigError(
+            f"simulation.num_supernodes: {n} > the {federation.num_clients} clients of the "
+            "federation"
+        )
+    return n
+
+
+def run_strategy(grid: Grid, strategy: PrivateStrategy, cfg: RunConfig) -> None:
+    """Drive ``strategy`` for ``cfg.rounds`` rounds on ``grid``."""
+    strategy.start(grid=grid, num_rounds=cfg.rounds, timeout=cfg.simulation.round_timeout)
+    logger.info("Run directory: %s", strategy.run_dir.path)
+
+
+def make_server_app(cfg: RunConfig, strategy: PrivateStrategy | None = None) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (and to a pre-built strategy, if given)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_strategy(grid, strategy or build_strategy(cfg), cfg)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry of ``flwr run .``: config from ``[tool.flwr.app.config]`` / ``--run-config``."""
+    from popri_flwr.hydra_config import config_from_run_config
+
+    logging.getLogger("popri_flwr").setLevel(logging.INFO)
+    cfg = config_from_run_config(dict(context.run_config))
+    run_strategy(grid, build_strategy(cfg), cfg)

@@ -1,0 +1,267 @@
+"""POPri as a Flower strategy: private preference optimization of a synthetic-text generator.
+
+Round t (K prompts, J samples each, clip C, noise multiplier sigma)::
+
+    server  : samples x_1..x_{KJ} ~ generator_t(prompts built from the public set)
+    client i: v_i = clip_C(zscore(mean_j cos(E(x_k), E(p_ij)))_k)     (only v_i leaves)
+    server  : s = sum_i v_i + N(0, sigma^2 C^2 I)
+              pairs = {(best_k, rank-r_k) of each prompt's J samples under s}
+              generator_{t+1} = DPO(generator_t, pairs), reference = base model
+              regenerate the samples of round t+1
+
+The shared machinery (Poisson sampling, reply checks, noise, accountant, resume) lives in
+:class:`~popri_flwr.strategies.base.PrivateStrategy`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from popri_flwr.distribution_metrics import fid
+from popri_flwr.dpo import DPOStep
+from popri_flwr.embedding import Embedder
+from popri_flwr.generation import Generator, SamplingParams, generate_samples
+from popri_flwr.preference import build_pairs
+from popri_flwr.prompts import build_prompts
+from popri_flwr.public_set import build_public_set
+from popri_flwr.strategies.base import PAYLOAD_ARRAYS, PAYLOAD_CONFIG, PrivateStrategy
+
+logger = logging.getLogger(__name__)
+
+
+class PopriStrategy(PrivateStrategy):
+    """POPri: clients score synthetic samples; the server turns noisy scores into DPO pairs.
+
+    Parameters
+    ----------
+    generator
+        Generates samples; its ``model`` is replaced by the DPO policy (LoRA adapter on).
+    tokenizer
+        The generator's tokenizer (for truncation to ``sampling.truncate_tokens``).
+    dpo
+        The server's DPO step (adapter and optimizer carry over rounds).
+    embedder
+        Embeds samples on the server when ``payload == "embeddings"`` and for evaluation.
+    public_set
+        ``dict(description=..., size=..., path=..., max_new_tokens=...)``.
+    num_prompts, samples_per_prompt, reject_rank, shots
+        K, J, r (zero-based) and the number of few-shot examples per prompt.
+    sampling
+        Sampling parameters of the per-round generation.
+    payload
+        ``"embeddings"`` (server embeds, clients only do a matrix product) or ``"texts"``.
+    embedder_name
+        Sent to clients so both sides use the same embedding space.
+    eval_embeddings
+        Embeddings of held-out private text, for the evaluation-only FID (or None).
+    **kwargs
+        See :class:`~popri_flwr.strategies.base.PrivateStrategy`.
+    """
+
+    method = "popri"
+
+    def __init__(
+        self,
+        *,
+        generator: Generator,
+        tokenizer: Any,
+        dpo: DPOStep,
+        embedder: Embedder,
+        public_set: dict[str, Any],
+        num_prompts: int,
+        samples_per_prompt: int,
+        reject_rank: int,
+        sampling: SamplingParams,
+        shots: int = 3,
+        payload: str = "embeddings",
+        embedder_name: str = "",
+        eval_embeddings: np.ndarray | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 1 <= reject_rank < samples_per_prompt:
+            raise ValueError(
+                f"strategy.reject_rank: must be in [1, {samples_per_prompt}), got {reject_rank}"
+            )
+        if payload not in ("embeddings", "texts"):
+            raise ValueError(f"strategy.payload: expected embeddings or texts, got {payload!r}")
+        self.generator, self.tokenizer, self.dpo, self.embedder = (
+            generator,
+            tokenizer,
+            dpo,
+            embedder,
+        )
+        self.public_set_cfg = public_set
+        self.k, self.j, self.r, self.shots = num_prompts, samples_per_prompt, reject_rank, shots
+        self.sampling, self.payload, self.embedder_name = sampling, payload, embedder_name
+        self.eval_embeddings = eval_embeddings
+        self.public_texts: list[str] = []
+        self.prompts: list[str] = []
+        self.samples: list[str] = []
+        self.sample_emb: np.ndarray | None = None
+
+    # ---------------------------------------------------------------- set-up and resume
+    def prepare(self, finished_round: int) -> None:
+        """Public set, adapter (on resume) and the samples of the next round."""
+        self.generator.model = self.dpo.model  # generate with the policy (adapter enabled)
+        with self.timer("public_set"):
+            self.public_texts = self._load_or_build_public_set()
+        if finished_round:
+            self._load_adapter(finished_round)
+        nxt = finished_round + 1
+        path = self.run_dir.samples_path(nxt)
+        if path.exists():
+            rows = self.run_dir.read_jsonl(path)
+            self.prompts = _unique_prompts(rows, self.k)
+            self.samples = [row["text"] for row in rows]
+            with self.timer("embed"):
+                self.sample_emb = self.embedder.embed(self.samples)
+            logger.info("Loaded %d samples for round %d from %s", len(self.samples), nxt, path)
+        else:
+            self._regenerate(nxt)
+
+    def _load_or_build_public_set(self) -> list[str]:
+        path = self.run_dir.path / "public_set.jsonl"
+        if path.exists():
+            return [row["text"] for row in self.run_dir.read_jsonl(path)]
+        cfg = self.public_set_cfg
+        params = SamplingParams(
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            max_new_tokens=int(cfg.get("max_new_tokens", 120)),
+            truncate_tokens=None,
+            seed=self.seed + 7919,
+        )
+        logger.info("Building the public set (%s texts)", cfg["size"])
+        texts = build_public_set(
+            self.generator,
+            cfg["description"],
+            int(cfg["size"]),
+            params,
+            path=cfg.get("path"),
+            tokenizer=self.tokenizer,
+        )
+        self.run_dir.write_jsonl(path, ({"text": t} for t in texts))
+        return texts
+
+    def _regenerate(self, server_round: int) -> None:
+        """Build round ``server_round``'s prompts and samples with the current policy."""
+        rng = self.rng_for(server_round, "prompts")
+        with self.timer("generate"):
+            self.prompts = build_prompts(self.public_texts, self.k, rng, shots=self.shots)
+            params = SamplingParams(
+                **{**self.sampling.__dict__, "seed": self.sampling.seed + 1000 * server_round}
+            )
+            per_prompt = generate_samples(
+                self.generator, self.prompts, params, self.j, tokenizer=self.tokenizer
+            )
+            self.samples = [s for group in per_prompt for s in group]
+        with self.timer("embed"):
+            self.sample_emb = self.embedder.embed(self.samples)
+        self._write_samples(server_round, None)
+
+    def _write_samples(self, server_round: int, scores: np.ndarray | None) -> None:
+        rows = (
+            {
+                "prompt_id": idx // self.j,
+                "sample_id": idx,
+                "prompt": self.prompts[idx // self.j],
+                "text": text,
+                "noisy_score": None if scores is None else float(scores[idx]),
+            }
+            for idx, text in enumerate(self.samples)
+        )
+        self.run_dir.write_jsonl(self.run_dir.samples_path(server_round), rows)
+
+    # ---------------------------------------------------------------- one round
+    def train_payload(self, server_round: int) -> RecordDict:
+        """Embeddings (K*J x d float32) or the texts themselves; never model weights."""
+        config = ConfigRecord(
+            {"method": self.method, "payload": self.payload, "embedder": self.embedder_name}
+        )
+        if self.payload == "texts":
+            config["texts"] = list(self.samples)
+            return RecordDict({PAYLOAD_CONFIG: config})
+        emb = np.ascontiguousarray(self.sample_emb, dtype=np.float32)
+        return RecordDict(
+            {PAYLOAD_CONFIG: config, PAYLOAD_ARRAYS: ArrayRecord({"embeddings": Array(emb)})}
+        )
+
+    def vector_length(self, server_round: int) -> int:
+        return self.k * self.j
+
+    def server_update(self, server_round: int, release: np.ndarray) -> dict[str, Any]:
+        """Pairs from the noisy scores, one DPO round, regenerate for the next round."""
+        self._write_samples(server_round, release)
+        pairs = build_pairs(self.prompts, self.samples, release, self.j, self.r)
+        scored_emb = self.sample_emb
+        metrics: dict[str, Any] = {
+            "pairs": len(pairs),
+            "empty_samples": sum(1 for s in self.samples if not s.strip()),
+            "score_gap_mean": float(np.mean(pairs.score_gap)) if len(pairs) else None,
+        }
+        if len(pairs):
+            with self.timer("dpo"):
+                dpo = self.dpo.train_round(pairs.as_records())
+            metrics.update(
+                dpo_loss=dpo.get("loss"),
+                dpo_reward_margin=dpo.get("reward_margin"),
+                dpo_reward_accuracy=dpo.get("reward_accuracy"),
+                dpo_steps=dpo.get("steps"),
+            )
+        else:
+            logger.warning("Round %d: no usable preference pairs; skipping DPO", server_round)
+        self._scored_emb = scored_emb
+        self._regenerate(server_round + 1)
+        return metrics
+
+    def evaluate_round(self, server_round: int) -> dict[str, Any]:
+        """Evaluation only: FID of this round's scored samples and of the regenerated ones."""
+        if self.eval_embeddings is None or len(self.eval_embeddings) < 2:
+            return {}
+        return {
+            "fid_scored": fid(self._scored_emb, self.eval_embeddings),
+            "fid_next": fid(self.sample_emb, self.eval_embeddings),
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, server_round: int) -> dict[str, Any]:
+        """Save the adapter + optimizer as ``adapter/`` (the previous one kept until done)."""
+        final, old = self.run_dir.path / "adapter", self.run_dir.path / "adapter.old"
+        tmp = self.run_dir.path / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.dpo.save(tmp)
+        (tmp / "popri_round.json").write_text(json.dumps({"round": server_round}))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return {"adapter_round": server_round}
+
+    def _load_adapter(self, finished_round: int) -> None:
+        for name in ("adapter", "adapter.old"):
+            path = self.run_dir.path / name
+            marker = path / "popri_round.json"
+            if marker.exists() and json.loads(marker.read_text())["round"] == finished_round:
+                self.dpo.load(path)
+                self.generator.model = self.dpo.model
+                logger.info("Restored the adapter of round %d from %s", finished_round, path)
+                return
+        raise RuntimeError(
+            f"run_dir: no adapter of round {finished_round} in {self.run_dir.path}; "
+            "cannot resume this run"
+        )
+
+
+def _unique_prompts(rows: list[dict[str, Any]], k: int) -> list[str]:
+    prompts: list[str] = [""] * k
+    for row in rows:
+        prompts[int(row["prompt_id"])] = row["prompt"]
+    return prompts

@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+from popri_flwr.preference import build_pairs
+
+
+def test_best_and_rank_r_by_index_with_duplicate_strings():
+    prompts = ["p0", "p1"]
+    # Prompt 0 has two identical strings with different scores: indices must decide.
+    samples = ["dup", "a", "dup", "b", "c", "d", "e", "f"]
+    scores = np.array([0.1, 0.5, 0.9, 0.3, 1.0, 2.0, 3.0, 4.0])
+    pairs = build_pairs(prompts, samples, scores, samples_per_prompt=4, reject_rank=2)
+    # prompt 0 ranking: idx2 (0.9), idx1 (0.5), idx3 (0.3), idx0 (0.1)
+    assert pairs.chosen_index.tolist() == [2, 7]
+    assert pairs.rejected_index.tolist() == [3, 5]
+    assert pairs.chosen == ["dup", "f"] and pairs.rejected == ["b", "d"]
+    np.testing.assert_allclose(pairs.score_gap, [0.6, 2.0])
+    rec = pairs.as_records()[0]
+    assert rec == {"prompt": "p0", "chosen": "dup", "rejected": "b"}
+
+
+def test_duplicate_string_as_rejected_keeps_its_own_score():
+    samples = ["x", "x", "y"]
+    pairs = build_pairs(["p"], samples, np.array([5.0, -1.0, 0.0]), 3, reject_rank=2)
+    assert pairs.chosen_index.tolist() == [0] and pairs.rejected_index.tolist() == [1]
+    assert pairs.score_gap.tolist() == [6.0]
+
+
+def test_empty_samples_are_skipped_and_shapes_checked():
+    pairs = build_pairs(["p", "q"], ["", "a", "b", "c"], np.array([9.0, 0, 1, 0]), 2, 1)
+    assert pairs.prompts == ["q"]
+    with pytest.raises(ValueError, match="expected 2\\*2=4"):
+        build_pairs(["p", "q"], ["a"] * 3, np.zeros(3), 2, 1)
+    with pytest.raises(ValueError, match="strategy.reject_rank"):
+        build_pairs(["p"], ["a", "b"], np.zeros(2), 2, 2)
