@@ -36,6 +36,8 @@ def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if not OmegaConf.has_resolver("popri_or"):
+        OmegaConf.register_new_resolver("popri_or", lambda a, b: b if a in (None, "") else a)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

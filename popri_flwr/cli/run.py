@@ -29,6 +29,7 @@ def _run(cfg: DictConfig) -> None:
     from popri_flwr.simulation import run_simulation
 
     logging.getLogger("flwr").propagate = False  # flwr has its own handler: no double lines
+    _quiet_third_party_logs()
     data = OmegaConf.to_container(cfg, resolve=True)
     if data.get("run_dir") is None:
         data["run_dir"] = HydraConfig.get().runtime.output_dir
@@ -41,8 +42,20 @@ def _run(cfg: DictConfig) -> None:
     logger.info("Done. Results in %s (rounds.jsonl, samples/, adapter/)", run_dir)
 
 
+def _quiet_third_party_logs() -> None:
+    # The SuperLink's embedded database logs every migration plugin at INFO.
+    for name in ("alembic", "alembic.runtime.plugins", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main() -> None:
     """Console entry: Hydra parses ``sys.argv`` (overrides, -m, --help, --cfg job)."""
+    from omegaconf import OmegaConf
+
+    # ``hydra.run.dir`` follows an explicit run_dir, so Hydra's log lands in the run directory.
+    if not OmegaConf.has_resolver("popri_or"):
+        OmegaConf.register_new_resolver("popri_or", lambda a, b: b if a in (None, "") else a)
+    _quiet_third_party_logs()
     try:
         hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_run)()
     except ConfigError as err:  # raised before any work: one clear line, exit 2

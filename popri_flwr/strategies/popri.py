@@ -106,6 +106,54 @@ class PopriStrategy(PrivateStrategy):
         self.samples: list[str] = []
         self.sample_emb: np.ndarray | None = None
 
+    @classmethod
+    def from_config(
+        cls, cfg: Any, *, run_dir: Any, federation: Any, accountant: Any
+    ) -> PopriStrategy:
+        """Build models and the strategy from a :class:`~popri_flwr.config.RunConfig`."""
+        from popri_flwr.embedding import get_embedder
+        from popri_flwr.generation import make_generator
+        from popri_flwr.server_app import population
+
+        g, s = cfg.generation, cfg.strategy
+        generator = make_generator(
+            backend=g.backend,
+            model_name_or_path=g.model,
+            device=g.device,
+            batch_size=g.batch_size,
+            cache_dir=g.cache_dir,
+        )
+        # The DPO step wraps the base model with the LoRA adapter; generation then uses it.
+        dpo = DPOStep(generator.model, generator.tokenizer, cfg.dpo)
+        embedder = get_embedder(cfg.embedder.model, cfg.embedder.device)
+        return cls(
+            generator=generator,
+            tokenizer=generator.tokenizer,
+            dpo=dpo,
+            embedder=embedder,
+            public_set=dict(vars(cfg.public_set)),
+            num_prompts=s.num_prompts,
+            samples_per_prompt=s.samples_per_prompt,
+            reject_rank=s.reject_rank,
+            shots=s.shots,
+            payload=s.payload,
+            sampling=SamplingParams(
+                temperature=g.temperature,
+                top_p=g.top_p,
+                max_new_tokens=g.max_new_tokens,
+                truncate_tokens=g.truncate_tokens,
+                seed=cfg.seed,
+            ),
+            embedder_name=cfg.embedder.model,
+            eval_embeddings=eval_embeddings_for(cfg, federation, embedder),
+            accountant=accountant,
+            clip_norm=cfg.privacy.clip_norm,
+            num_clients=population(cfg, federation),
+            run_dir=run_dir,
+            seed=cfg.seed,
+            round_timeout=cfg.simulation.round_timeout,
+        )
+
     # ---------------------------------------------------------------- set-up and resume
     def prepare(self, finished_round: int) -> None:
         """Public set, adapter (on resume) and the samples of the next round."""
@@ -265,3 +313,15 @@ def _unique_prompts(rows: list[dict[str, Any]], k: int) -> list[str]:
     for row in rows:
         prompts[int(row["prompt_id"])] = row["prompt"]
     return prompts
+
+
+def eval_embeddings_for(cfg: Any, federation: Any, embedder: Embedder) -> np.ndarray | None:
+    """Embeddings of (a seeded subsample of) held-out private text, for evaluation only."""
+    if not cfg.evaluation.fid:
+        return None
+    texts = federation.all_eval_texts()
+    if len(texts) > cfg.evaluation.max_eval_texts:
+        rng = np.random.default_rng(cfg.seed)
+        idx = np.sort(rng.choice(len(texts), cfg.evaluation.max_eval_texts, replace=False))
+        texts = [texts[i] for i in idx]
+    return embedder.embed(texts) if len(texts) >= 2 else None
