@@ -112,23 +112,23 @@ class PopriStrategy(PrivateStrategy):
     ) -> PopriStrategy:
         """Build models and the strategy from a :class:`~popri_flwr.config.RunConfig`."""
         from popri_flwr.embedding import get_embedder
-        from popri_flwr.generation import make_generator
+        from popri_flwr.generation import TransformersGenerator, make_generator
+        from popri_flwr.model_loading import load_causal_lm
         from popri_flwr.server_app import population
 
         g, s = cfg.generation, cfg.strategy
-        generator = make_generator(
-            backend=g.backend,
-            model_name_or_path=g.model,
-            device=g.device,
-            batch_size=g.batch_size,
-            cache_dir=g.cache_dir,
-        )
-        # The DPO step wraps the base model with the LoRA adapter; generation then uses it.
-        dpo = DPOStep(generator.model, generator.tokenizer, cfg.dpo)
+        # A fresh base model per run (0.5 s from the cache): the DPO step wraps it with its
+        # LoRA adapter in place, so it must not be a model another run already wrapped.
+        model, tokenizer = load_causal_lm(g.model, device=cfg.dpo.device, cache_dir=g.cache_dir)
+        dpo = DPOStep(model, tokenizer, cfg.dpo)
+        if g.backend == "transformers":
+            generator = TransformersGenerator(dpo.model, tokenizer, batch_size=g.batch_size)
+        else:  # vLLM generates from the adapter the strategy saves after each DPO round
+            generator = make_generator(g.backend, g.model, g.device, g.batch_size, g.cache_dir)
         embedder = get_embedder(cfg.embedder.model, cfg.embedder.device)
         return cls(
             generator=generator,
-            tokenizer=generator.tokenizer,
+            tokenizer=tokenizer,
             dpo=dpo,
             embedder=embedder,
             public_set=dict(vars(cfg.public_set)),
@@ -157,7 +157,7 @@ class PopriStrategy(PrivateStrategy):
     # ---------------------------------------------------------------- set-up and resume
     def prepare(self, finished_round: int) -> None:
         """Public set, adapter (on resume) and the samples of the next round."""
-        self.generator.model = self.dpo.model  # generate with the policy (adapter enabled)
+        self._sync_generator()
         with self.timer("public_set"):
             self.public_texts = self._load_or_build_public_set()
         if finished_round:
@@ -173,6 +173,16 @@ class PopriStrategy(PrivateStrategy):
             logger.info("Loaded %d samples for round %d from %s", len(self.samples), nxt, path)
         else:
             self._regenerate(nxt)
+
+    def _sync_generator(self) -> None:
+        """Point the generator at the current policy (in memory, or a saved adapter for vLLM)."""
+        if hasattr(self.generator, "set_adapter"):
+            path = self.run_dir.path / "checkpoint" / "vllm_adapter"
+            if self.dpo.rounds_trained:
+                self.dpo.model.save_pretrained(path)
+                self.generator.set_adapter(path)
+        else:
+            self.generator.model = self.dpo.model  # adapter enabled
 
     def _load_or_build_public_set(self) -> list[str]:
         path = self.run_dir.path / "public_set.jsonl"
@@ -257,6 +267,7 @@ class PopriStrategy(PrivateStrategy):
         if len(pairs):
             with self.timer("dpo"):
                 dpo = self.dpo.train_round(pairs.as_records())
+                self._sync_generator()
             metrics.update(
                 dpo_loss=dpo.get("loss"),
                 dpo_reward_margin=dpo.get("reward_margin"),
@@ -299,7 +310,7 @@ class PopriStrategy(PrivateStrategy):
             marker = path / "popri_round.json"
             if marker.exists() and json.loads(marker.read_text())["round"] == finished_round:
                 self.dpo.load(path)
-                self.generator.model = self.dpo.model
+                self._sync_generator()
                 logger.info("Restored the adapter of round %d from %s", finished_round, path)
                 return
         raise RuntimeError(
