@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_MARKER = re.compile(r"\s*Orig", re.IGNORECASE)
+# The next list item starts a new line with "Orig..." (usually "Original Text Sample N"); a
+# word like "original" inside a sentence must not cut the sample.
+_MARKER = re.compile(r"(?:^|\n)\s*Orig|Original Text Sample")
 
 
 def few_shot_prompt(examples: Sequence[str]) -> str:

@@ -1,10 +1,10 @@
 """The shared strategy machinery driven through Flower's Grid interface, without a runtime.
 
-`FakeGrid` stands in for the SuperLink (it is the documented way to unit-test a Flower
-strategy): each node answers with a function of our choosing, so malicious, failing and
-silent clients can be exercised. `SumStrategy` is the smallest concrete PrivateStrategy: it
-releases the noisy sum and records it, so sampling, validation, noise, accounting and resume
-are tested exactly as every real method uses them.
+`FakeGrid` (tests/fakegrid.py) stands in for the SuperLink (it is the documented way to
+unit-test a Flower strategy): each node answers with a function of our choosing, so malicious,
+failing and silent clients can be exercised. `SumStrategy` is the smallest concrete
+PrivateStrategy: it releases the noisy sum and records it, so sampling, validation, noise,
+accounting and resume are tested exactly as every real method uses them.
 """
 
 from __future__ import annotations
@@ -14,68 +14,19 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from fakegrid import FakeGrid, reply_with, set_task_identity
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from popri_flwr.privacy import PrivacyAccountant, compute_epsilon
 from popri_flwr.run_dir import RunDirectory
-from popri_flwr.strategies.base import REPLY_ARRAYS, REPLY_VECTOR, PrivateStrategy
+from popri_flwr.strategies.base import PrivateStrategy
 
 DIM = 8
 
 
 @pytest.fixture(autouse=True)
 def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class FakeGrid(Grid):
-    """Delivers each message to ``behaviours[node_id](msg)``; ``None`` means no reply."""
-
-    def __init__(self, behaviours):
-        self.behaviours = behaviours
-        self.sent: list[list[int]] = []
-
-    def get_node_ids(self):
-        return list(self.behaviours)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        self.sent.append([m.metadata.dst_node_id for m in messages])
-        out = []
-        for m in messages:
-            reply = self.behaviours[m.metadata.dst_node_id](m)
-            if reply is not None:
-                out.append(reply)
-        return out
-
-    # Unused parts of the Grid interface.
-    def set_run(self, run_id):  # pragma: no cover
-        pass
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *a, **k):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-
-def reply_with(vector):
-    def behave(msg: Message) -> Message:
-        return Message(
-            RecordDict({REPLY_ARRAYS: ArrayRecord({REPLY_VECTOR: Array(np.asarray(vector))})}),
-            reply_to=msg,
-        )
-
-    return behave
+    set_task_identity()
 
 
 def honest(msg: Message) -> Message:

@@ -25,8 +25,9 @@ Handler = Callable[[Message, RunConfig, int], np.ndarray]
 
 def _handlers() -> dict[str, Handler]:
     from popri_flwr.client_apps.scoring import score
+    from popri_flwr.client_apps.voting import vote
 
-    return {"popri": score}
+    return {"popri": score, "pe": vote}
 
 
 def make_client_app(cfg: RunConfig | None = None, report_seconds: bool | None = None) -> ClientApp:

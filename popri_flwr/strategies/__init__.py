@@ -7,6 +7,7 @@ import importlib
 #: name -> "module:Class"; a new method is one file here plus a config group.
 STRATEGIES: dict[str, str] = {
     "popri": "popri_flwr.strategies.popri:PopriStrategy",
+    "pe": "popri_flwr.strategies.private_evolution:PrivateEvolutionStrategy",
 }
 
 

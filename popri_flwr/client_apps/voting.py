@@ -1,0 +1,29 @@
+"""Private Evolution's client: vote for the population members nearest to the private texts.
+
+What leaves the client is exactly one vector: its nearest-neighbour vote histogram scaled to L2
+norm C (zeros for a client without texts), see :func:`popri_flwr.voting.client_vote_vector`.
+Nothing about the private texts (not even their number) is reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Message
+
+from popri_flwr.client_apps import resources
+from popri_flwr.config import RunConfig
+from popri_flwr.voting import client_vote_vector
+
+
+def vote(msg: Message, cfg: RunConfig, partition_id: int) -> np.ndarray:
+    """Return this client's bounded vote vector for the population in ``msg``."""
+    config = msg.content["config"]
+    embedder_name = str(config.get("embedder") or cfg.embedder.model)
+    clip_norm = float(config["clip-norm"])
+    votes_k = int(config.get("votes-k", 1))
+    if config.get("payload") == "texts":
+        pop_emb = resources.embedder(embedder_name).embed(list(config["texts"]))
+    else:
+        pop_emb = msg.content["payload"]["embeddings"].numpy()
+    private_emb = resources.private_embeddings(cfg.data, partition_id, embedder_name)
+    return client_vote_vector(pop_emb, private_emb, clip_norm, k=votes_k)

@@ -1,0 +1,75 @@
+"""A fake Flower Grid for driving strategies without a runtime (shared by strategy tests).
+
+`FakeGrid` stands in for the SuperLink (the documented way to unit-test a Flower strategy):
+each node answers with a function of our choosing, so honest, malicious, failing and silent
+clients can be exercised. Test modules must set the task identity first (``Message(...)``
+needs it outside a runtime): call :func:`set_task_identity` from an autouse fixture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from popri_flwr.strategies.base import REPLY_ARRAYS, REPLY_VECTOR
+
+
+def set_task_identity() -> None:
+    """Give messages the run/task/node ids a runtime would set."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class FakeGrid(Grid):
+    """Delivers each message to ``behaviours[node_id](msg)``; ``None`` means no reply."""
+
+    def __init__(self, behaviours: dict[int, Callable[[Message], Message | None]]):
+        self.behaviours = behaviours
+        self.sent: list[list[int]] = []
+        self.messages: list[list[Message]] = []
+
+    def get_node_ids(self):
+        return list(self.behaviours)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent.append([m.metadata.dst_node_id for m in messages])
+        self.messages.append(messages)
+        out = []
+        for m in messages:
+            reply = self.behaviours[m.metadata.dst_node_id](m)
+            if reply is not None:
+                out.append(reply)
+        return out
+
+    # Unused parts of the Grid interface.
+    def set_run(self, run_id):  # pragma: no cover
+        pass
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *a, **k):  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+
+def reply_with(vector) -> Callable[[Message], Message]:
+    """A client that always answers with ``vector``."""
+
+    def behave(msg: Message) -> Message:
+        return Message(
+            RecordDict({REPLY_ARRAYS: ArrayRecord({REPLY_VECTOR: Array(np.asarray(vector))})}),
+            reply_to=msg,
+        )
+
+    return behave
