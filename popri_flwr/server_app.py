@@ -106,6 +106,8 @@ def main(grid: Grid, context: Context) -> None:
     """Entry of ``flwr run .``: config from ``[tool.flwr.app.config]`` / ``--run-config``."""
     from popri_flwr.hydra_config import config_from_run_config
 
+    if not logging.getLogger().handlers:  # a bare flwr-serverapp process: show our progress
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("popri_flwr").setLevel(logging.INFO)
     cfg = config_from_run_config(dict(context.run_config))
     run_strategy(grid, build_strategy(cfg), cfg)
