@@ -40,7 +40,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        return int(self.model.get_embedding_dimension())
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """``(n, d)`` float32, rows of unit norm; ``(0, d)`` for no texts."""
