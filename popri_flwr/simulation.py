@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from popri_flwr.config import RunConfig
+from popri_flwr.config import ConfigError, RunConfig
 from popri_flwr.data import load_federation
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,12 @@ def run_simulation(cfg: RunConfig) -> str:
     from popri_flwr.client_apps.app import make_client_app
     from popri_flwr.server_app import build_strategy, make_server_app, population
 
-    federation = load_federation(cfg.data)
-    num_nodes = population(cfg, federation)
-    strategy = build_strategy(cfg, federation)  # fails fast on bad input, before Ray starts
+    try:  # everything that can fail on bad input fails here, before Ray starts
+        federation = load_federation(cfg.data)
+        num_nodes = population(cfg, federation)
+        strategy = build_strategy(cfg, federation)
+    except ValueError as err:  # data/model/config errors name their key or file
+        raise ConfigError(str(err)) from err
     logger.info("Simulating %d clients (%s)", num_nodes, federation.name)
     flwr_run_simulation(
         server_app=make_server_app(cfg, strategy),

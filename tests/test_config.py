@@ -1,8 +1,12 @@
 """Bad configuration stops before any work, with one line naming the key."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+from conftest import FIXTURES
 
 from popri_flwr.config import ConfigError
 from popri_flwr.hydra_config import config_from_run_config, load_config
@@ -55,3 +59,34 @@ def test_flower_run_config_maps_onto_overrides(tmp_path):
     )
     assert (cfg.rounds, cfg.privacy.epsilon, cfg.strategy.num_prompts) == (2, 7.0, 5)
     assert cfg.run_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["privacy.sample_rate=1.5"], "privacy.sample_rate"),
+        (["data.source=file", "data.path=/nonexistent/x.csv"], "/nonexistent/x.csv"),
+        (
+            ["data.source=file", f"data.path={FIXTURES / 'texts.csv'}", "data.text_column=body"],
+            "data.text_column",
+        ),
+        (["generation.model=/nonexistent/model-dir"], "generation.model"),
+        (["run_dir=/proc/popri-cannot-write-here"], "run_dir"),
+    ],
+)
+def test_cli_stops_with_one_line_before_any_work(args, key, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not any(a.startswith("run_dir=") for a in args):
+        args = [*args, f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "popri_flwr.cli.run", "experiment=demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("popri-run: error:")]
+    assert len(lines) == 1 and key in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "rounds.jsonl").exists()

@@ -34,18 +34,26 @@ def _run(cfg: DictConfig) -> None:
     if data.get("run_dir") is None:
         data["run_dir"] = HydraConfig.get().runtime.output_dir
     try:
-        run_cfg = load_run_config(data)
-    except ConfigError as err:
-        logger.error("%s", err)
+        run_dir = run_simulation(load_run_config(data))
+    except ConfigError as err:  # bad input: one clear line, before any work, exit 2
+        print(f"popri-run: error: {err}", file=sys.stderr)
         sys.exit(2)
-    run_dir = run_simulation(run_cfg)
-    logger.info("Done. Results in %s (rounds.jsonl, samples/, adapter/)", run_dir)
+    logger.info("Done. Results in %s (rounds.jsonl, samples/)", run_dir)
 
 
 def _quiet_third_party_logs() -> None:
     # The SuperLink's embedded database logs every migration plugin at INFO.
     for name in ("alembic", "alembic.runtime.plugins", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _precheck_run_dir(argv: list[str]) -> None:
+    """Hydra creates ``run_dir`` (its output dir) before our code runs: check it first."""
+    from popri_flwr.run_dir import RunDirectory
+
+    for arg in argv:
+        if arg.startswith("run_dir=") and "," not in arg and arg != "run_dir=null":
+            RunDirectory(arg.split("=", 1)[1])
 
 
 def main() -> None:
@@ -57,10 +65,10 @@ def main() -> None:
         OmegaConf.register_new_resolver("popri_or", lambda a, b: b if a in (None, "") else a)
     _quiet_third_party_logs()
     try:
+        _precheck_run_dir(sys.argv[1:])
         hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_run)()
-    except ConfigError as err:  # raised before any work: one clear line, exit 2
-        logging.getLogger("popri_flwr").error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:  # e.g. POPRI_CONFIG_DIR wrong: one clear line, exit 2
+        print(f"popri-run: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
