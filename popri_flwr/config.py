@@ -201,7 +201,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _check(cond: bool, key: str, expected: str, value: Any) -> None:
+def check(cond: bool, key: str, expected: str, value: Any) -> None:
+    """Raise ``ConfigError("key: expected, got value")`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"{key}: {expected}, got {value!r}")
 
@@ -215,57 +216,39 @@ def validate(cfg: RunConfig) -> RunConfig:
         Naming the first offending key.
     """
     p, s, g = cfg.privacy, cfg.strategy, cfg.generation
-    _check(cfg.rounds >= 1, "rounds", "must be >= 1", cfg.rounds)
-    _check(
+    check(cfg.rounds >= 1, "rounds", "must be >= 1", cfg.rounds)
+    check(
         not math.isnan(p.epsilon) and p.epsilon > 0,
         "privacy.epsilon",
         "must be > 0 (inf = no privacy, only when asked for)",
         p.epsilon,
     )
-    _check(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)", p.delta)
-    _check(0 < p.sample_rate <= 1, "privacy.sample_rate", "must be in (0, 1]", p.sample_rate)
-    _check(p.clip_norm > 0, "privacy.clip_norm", "must be > 0", p.clip_norm)
+    check(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)", p.delta)
+    check(0 < p.sample_rate <= 1, "privacy.sample_rate", "must be in (0, 1]", p.sample_rate)
+    check(p.clip_norm > 0, "privacy.clip_norm", "must be > 0", p.clip_norm)
     if p.noise_multiplier is not None:
-        _check(
+        check(
             p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0", p.noise_multiplier
         )
-    from popri_flwr.strategies import STRATEGIES
+    from popri_flwr.strategies import STRATEGIES, strategy_class
 
-    _check(s.name in STRATEGIES, "strategy.name", f"expected one of {sorted(STRATEGIES)}", s.name)
-    _check(s.num_prompts >= 1, "strategy.num_prompts", "must be >= 1", s.num_prompts)
-    _check(
-        s.samples_per_prompt >= 2,
-        "strategy.samples_per_prompt",
-        "must be >= 2",
-        s.samples_per_prompt,
-    )
-    _check(
-        0 < s.reject_rank < s.samples_per_prompt,
-        "strategy.reject_rank",
-        f"must be in [1, samples_per_prompt={s.samples_per_prompt})",
-        s.reject_rank,
-    )
-    _check(s.shots >= 1, "strategy.shots", "must be >= 1", s.shots)
-    _check(
-        s.payload in ("embeddings", "texts"),
-        "strategy.payload",
-        "expected embeddings or texts",
-        s.payload,
-    )
-    _check(
+    check(s.name in STRATEGIES, "strategy.name", f"expected one of {sorted(STRATEGIES)}", s.name)
+    hook = getattr(strategy_class(s.name), "validate_config", None)
+    if hook is not None:  # each method checks its own keys
+        try:
+            hook(cfg)
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    check(
         g.backend in ("transformers", "vllm"),
         "generation.backend",
         "expected transformers or vllm",
         g.backend,
     )
-    _check(g.batch_size >= 1, "generation.batch_size", "must be >= 1", g.batch_size)
-    _check(
-        cfg.public_set.size >= s.shots,
-        "public_set.size",
-        f"must be >= strategy.shots={s.shots}",
-        cfg.public_set.size,
-    )
-    _check(
+    check(g.batch_size >= 1, "generation.batch_size", "must be >= 1", g.batch_size)
+    check(
         cfg.simulation.client_num_cpus > 0,
         "simulation.client_num_cpus",
         "must be > 0",

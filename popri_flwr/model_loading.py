@@ -50,7 +50,7 @@ def packaged_gguf(name: str) -> tuple[Path, str]:
     # Do not import the module: its __init__ needs the `llm` CLI package.
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / filename).is_file():
-        raise ValueError(f"generation.model: {folder / filename} is missing from the installed package")
+        raise ValueError(f"generation.model: {folder / filename} is missing from its package")
     return folder, filename
 
 
@@ -82,7 +82,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
             raise ValueError(f"generation.model: {path} is not a model directory (no config.json)")
         return str(path)
     if name_or_path.count("/") > 1 or name_or_path.startswith((".", "/", "~")):
-        raise ValueError(f"generation.model: {name_or_path!r} is neither a local directory nor a Hub id")
+        raise ValueError(f"generation.model: {name_or_path!r} is neither a directory nor a Hub id")
     return name_or_path
 
 

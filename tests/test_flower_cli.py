@@ -108,7 +108,7 @@ def test_flwr_run_simulation(tmp_path):
         status = _run_status("local", env)
     finally:
         # `flwr run` leaves a detached local SuperLink behind: stop it.
-        subprocess.run(["pkill", "-f", f"--database {tmp_path}"], check=False)
+        subprocess.run(["pkill", "-f", str(tmp_path / "flwr_home")], check=False)
     assert status == "finished:completed", log[-3000:]
     _check_run_dir(out, 8)
 

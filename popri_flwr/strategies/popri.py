@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from popri_flwr.config import check as _check
 from popri_flwr.distribution_metrics import fid
 from popri_flwr.dpo import DPOStep
 from popri_flwr.embedding import Embedder
@@ -107,6 +108,37 @@ class PopriStrategy(PrivateStrategy):
         self.sample_emb: np.ndarray | None = None
 
     @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """POPri's own keys, checked when the config is loaded (before any work)."""
+        s = cfg.strategy
+        _check(s.num_prompts >= 1, "strategy.num_prompts", "must be >= 1", s.num_prompts)
+        _check(
+            s.samples_per_prompt >= 2,
+            "strategy.samples_per_prompt",
+            "must be >= 2",
+            s.samples_per_prompt,
+        )
+        _check(
+            0 < s.reject_rank < s.samples_per_prompt,
+            "strategy.reject_rank",
+            f"must be in [1, samples_per_prompt={s.samples_per_prompt})",
+            s.reject_rank,
+        )
+        _check(s.shots >= 1, "strategy.shots", "must be >= 1", s.shots)
+        _check(
+            s.payload in ("embeddings", "texts"),
+            "strategy.payload",
+            "expected embeddings or texts",
+            s.payload,
+        )
+        _check(
+            cfg.public_set.size >= s.shots,
+            "public_set.size",
+            f"must be >= strategy.shots={s.shots}",
+            cfg.public_set.size,
+        )
+
+    @classmethod
     def from_config(
         cls, cfg: Any, *, run_dir: Any, federation: Any, accountant: Any
     ) -> PopriStrategy:
@@ -175,14 +207,22 @@ class PopriStrategy(PrivateStrategy):
             self._regenerate(nxt)
 
     def _sync_generator(self) -> None:
-        """Point the generator at the current policy (in memory, or a saved adapter for vLLM)."""
+        """Point the generator at the current policy.
+
+        transformers: a merged copy (base + B A folded into the weights) of the policy, so
+        sampling costs what the base model costs instead of paying the unmerged LoRA matmuls
+        on every token; the DPO step keeps training its own unmerged adapter. vLLM: the saved
+        adapter, loaded through a LoRA request.
+        """
         if hasattr(self.generator, "set_adapter"):
             path = self.run_dir.path / "checkpoint" / "vllm_adapter"
             if self.dpo.rounds_trained:
                 self.dpo.model.save_pretrained(path)
                 self.generator.set_adapter(path)
+        elif not self.dpo.rounds_trained:
+            self.generator.model = self.dpo.model.get_base_model()  # B = 0: policy == base
         else:
-            self.generator.model = self.dpo.model  # adapter enabled
+            self.generator.model = merged_copy(self.dpo.model)
 
     def _load_or_build_public_set(self) -> list[str]:
         path = self.run_dir.path / "public_set.jsonl"
@@ -317,6 +357,15 @@ class PopriStrategy(PrivateStrategy):
             f"run_dir: no adapter of round {finished_round} in {self.run_dir.path}; "
             "cannot resume this run"
         )
+
+
+def merged_copy(peft_model: Any) -> Any:
+    """A plain model whose weights are base + LoRA delta (the PEFT model is left untouched)."""
+    import copy
+
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged.eval()
+    return merged
 
 
 def _unique_prompts(rows: list[dict[str, Any]], k: int) -> list[str]:

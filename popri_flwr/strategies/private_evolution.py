@@ -192,6 +192,12 @@ class PrivateEvolutionStrategy(PrivateStrategy):
         self._voted_emb: np.ndarray | None = None
 
     @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """Check ``strategy.extra`` when the config is loaded (before any work)."""
+        s = cfg.strategy
+        PEConfig.from_extra(s.extra or {}, s.num_prompts * s.samples_per_prompt)
+
+    @classmethod
     def from_config(
         cls, cfg: Any, *, run_dir: Any, federation: Any, accountant: Any
     ) -> PrivateEvolutionStrategy:
