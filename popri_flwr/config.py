@@ -72,6 +72,10 @@ class PublicSetConfig:
     path: str | None = None
     size: int = 64
     max_new_tokens: int = 120
+    # Zero-shot texts from a small model are more coherent a little below T = 1; these only
+    # seed the few-shot prompts (POPri's own samples use generation.temperature).
+    temperature: float = 0.7
+    top_p: float = 0.95
 
 
 @dataclass

@@ -230,8 +230,8 @@ class PopriStrategy(PrivateStrategy):
             return [row["text"] for row in self.run_dir.read_jsonl(path)]
         cfg = self.public_set_cfg
         params = SamplingParams(
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
+            temperature=float(cfg.get("temperature", self.sampling.temperature)),
+            top_p=float(cfg.get("top_p", self.sampling.top_p)),
             max_new_tokens=int(cfg.get("max_new_tokens", 120)),
             truncate_tokens=None,
             seed=self.seed + 7919,
