@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from popri_flwr.data import DataConfig
+from popri_flwr.downstream import DownstreamConfig
 from popri_flwr.dpo import DPOStepConfig
 
 
@@ -133,6 +134,7 @@ class RunConfig:
     dpo: DPOStepConfig = field(default_factory=DPOStepConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

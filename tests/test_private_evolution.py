@@ -154,7 +154,9 @@ def test_pe_yaml_composes_with_the_demo_preset_and_fails_early():
     assert s.name == "pe" and strategy_class("pe") is PrivateEvolutionStrategy
     pe = PEConfig.from_extra(s.extra, s.num_prompts * s.samples_per_prompt)
     # Same number of generated texts per round as POPri with the demo's K and J.
-    assert pe.population_size == 24 * 6 and pe.keep_fraction == 0.5 and pe.votes_k == 1
+    popri = load_config(["experiment=demo"]).strategy
+    assert pe.population_size == popri.num_prompts * popri.samples_per_prompt
+    assert pe.keep_fraction == 0.5 and pe.votes_k == 1
     bad = load_config(["experiment=demo", "strategy=pe", "strategy.extra.keep_fraction=1.5"])
     # Rejected before any model is loaded (no federation or accountant needed).
     with pytest.raises(ValueError, match="^strategy.extra.keep_fraction"):
