@@ -157,10 +157,11 @@ def test_pe_yaml_composes_with_the_demo_preset_and_fails_early():
     popri = load_config(["experiment=demo"]).strategy
     assert pe.population_size == popri.num_prompts * popri.samples_per_prompt
     assert pe.keep_fraction == 0.5 and pe.votes_k == 1
-    bad = load_config(["experiment=demo", "strategy=pe", "strategy.extra.keep_fraction=1.5"])
-    # Rejected before any model is loaded (no federation or accountant needed).
+    # Rejected when the config is loaded, before any model (the strategy's own check).
     with pytest.raises(ValueError, match="^strategy.extra.keep_fraction"):
-        PrivateEvolutionStrategy.from_config(bad, run_dir=None, federation=None, accountant=None)
+        load_config(["experiment=demo", "strategy=pe", "strategy.extra.keep_fraction=1.5"])
+    with pytest.raises(ValueError, match="^strategy.extra.keep_fraction"):
+        PEConfig.from_extra({"keep_fraction": 1.5}, 96)
 
 
 # --------------------------------------------------------------------------- models
