@@ -1,0 +1,492 @@
+"""The side-by-side comparison: methods x epsilons, evaluated the same way, as CSV, Markdown, PNG.
+
+One row per (method, epsilon)::
+
+    eps0       downstream LM trained on public zero-shot samples (no client feedback)
+    epsinf     downstream LM trained on the clients' private training text itself
+    popri, pe  a private run (``popri-run strategy=NAME privacy.epsilon=EPS``), then N synthetic
+               texts from its result, then the downstream LM trained on them
+    dp_fedavg  a private run that trains the downstream LM itself; its final model is scored
+
+Every row is scored by the same metric on the same held-out private evaluation text
+(:func:`popri_flwr.downstream.train_downstream`, same seed, same token budget) and::
+
+    gap_closed = (acc - acc_eps0) / (acc_epsinf - acc_eps0)
+
+Private runs go through ``popri-run`` in a subprocess each, so one method that crashes shows up
+as a failed row while the rest of the table still appears; every row is cached in
+``OUT/rows/<method>_eps<eps>.json`` and a benchmark started again skips finished rows (and the
+runs themselves resume from their run directories).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popri_flwr.config import ConfigError, RunConfig
+
+logger = logging.getLogger(__name__)
+
+#: Rows that need no private run; every other method name is a ``strategy.name``.
+REFERENCES = ("eps0", "epsinf")
+
+#: Column order of ``results.csv`` (and of the Markdown table, minus ``run_dir``).
+COLUMNS = (
+    "method",
+    "epsilon",
+    "status",
+    "accuracy",
+    "top5_accuracy",
+    "gap_closed",
+    "fid",
+    "precision",
+    "recall",
+    "epsilon_spent",
+    "wall_seconds",
+    "bytes_down_per_client_round",
+    "bytes_up_per_client_round",
+    "client_seconds_per_round",
+    "run_dir",
+)
+
+
+@dataclass
+class BenchmarkConfig:
+    """A grid of methods x epsilons and the shared settings of every run in it.
+
+    Parameters
+    ----------
+    name
+        Preset name (``configs/benchmark/NAME.yaml``); also the default output folder.
+    out_dir
+        Where rows, runs, ``results.csv``, ``results.md`` and plots go (default
+        ``benchmarks/NAME``).
+    methods
+        ``eps0``, ``epsinf`` and any registered strategy (``popri``, ``pe``, ``dp_fedavg``).
+    epsilons
+        Privacy budgets of the private methods (references get one row each).
+    run_overrides
+        Hydra overrides shared by every run (federation, delta, rounds, q, generator, downstream
+        model...). The same values define the references' data and downstream settings.
+    method_overrides
+        Extra overrides per method (e.g. ``pe: [strategy.extra.population_size=96]``).
+    synthetic_size
+        Number of synthetic texts the downstream LM trains on (every text-producing method).
+    max_eval_texts
+        Held-out private texts the downstream accuracy and FID are measured on (seeded subsample).
+    resume
+        Skip rows already in ``rows/`` (and let runs resume).
+    """
+
+    name: str = "small"
+    out_dir: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["eps0", "epsinf", "popri"])
+    epsilons: list[float] = field(default_factory=lambda: [1.0, 7.0])
+    run_overrides: list[str] = field(default_factory=lambda: ["experiment=demo"])
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    synthetic_size: int = 200
+    max_eval_texts: int = 1000
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        from popri_flwr.strategies import STRATEGIES
+
+        known = set(REFERENCES) | set(STRATEGIES)
+        for m in self.methods:
+            if m not in known:
+                raise ConfigError(
+                    f"methods: unknown method {m!r}; expected some of {sorted(known)}"
+                )
+        if not self.methods:
+            raise ConfigError("methods: must name at least one method")
+        for e in self.epsilons:
+            if not (float(e) > 0):
+                raise ConfigError(f"epsilons: each must be > 0 (or .inf), got {e!r}")
+        for key in ("synthetic_size", "max_eval_texts"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
+        for m in self.method_overrides:
+            if m not in known:
+                raise ConfigError(f"method_overrides: unknown method {m!r}")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.out_dir or f"benchmarks/{self.name}")
+
+    def grid(self) -> list[tuple[str, float | None]]:
+        """(method, epsilon) of every row, references first (they anchor ``gap_closed``)."""
+        rows: list[tuple[str, float | None]] = [(m, None) for m in REFERENCES if m in self.methods]
+        rows += [(m, float(e)) for m in self.methods if m not in REFERENCES for e in self.epsilons]
+        return rows
+
+
+def gap_closed(acc: float, acc_eps0: float, acc_epsinf: float) -> float:
+    """``(acc - acc_eps0) / (acc_epsinf - acc_eps0)``; NaN when the references coincide."""
+    denom = acc_epsinf - acc_eps0
+    if not all(map(math.isfinite, (acc, acc_eps0, acc_epsinf))) or denom == 0:
+        return float("nan")
+    return (acc - acc_eps0) / denom
+
+
+def row_key(method: str, epsilon: float | None) -> str:
+    """File stem of a row: ``popri_eps1``, ``popri_eps7.5``, ``eps0``."""
+    if epsilon is None:
+        return method
+    eps = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+    return f"{method}_eps{eps}"
+
+
+# ------------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Scores text sets (or a trained model) the same way for every row.
+
+    Holds the run config shared by the grid, the federation and a fixed, seeded subsample of
+    its held-out private evaluation text.
+    """
+
+    def __init__(self, cfg: RunConfig, max_eval_texts: int) -> None:
+        from popri_flwr.data import load_federation
+
+        self.cfg = cfg
+        self.federation = load_federation(cfg.data)
+        texts = self.federation.all_eval_texts()
+        if len(texts) > max_eval_texts:
+            rng = np.random.default_rng(cfg.seed)
+            idx = np.sort(rng.choice(len(texts), max_eval_texts, replace=False))
+            texts = [texts[i] for i in idx]
+        if not texts:
+            raise ValueError(f"data: federation {self.federation.name} has no evaluation texts")
+        self.eval_texts = texts
+        self._eval_emb: np.ndarray | None = None
+        self._embedder = None
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        from popri_flwr.embedding import get_embedder
+
+        if self._embedder is None:
+            self._embedder = get_embedder(self.cfg.embedder.model, self.cfg.embedder.device)
+        return self._embedder.embed(list(texts))
+
+    def distribution(self, texts: Sequence[str]) -> dict[str, float]:
+        """FID and k-NN precision/recall of ``texts`` against the evaluation text."""
+        from popri_flwr.distribution_metrics import fid, precision_recall
+
+        if self._eval_emb is None:
+            self._eval_emb = self.embed(self.eval_texts)
+        emb = self.embed(texts)
+        if len(emb) < 2:
+            return {"fid": float("nan"), "precision": float("nan"), "recall": float("nan")}
+        pr = precision_recall(self._eval_emb, emb)
+        return {"fid": fid(emb, self._eval_emb), **pr}
+
+    def downstream(self, texts: Sequence[str]) -> dict[str, float]:
+        """Best-over-epochs top-1/top-5 next-token accuracy of the LM trained on ``texts``."""
+        from popri_flwr.downstream import train_downstream
+
+        result = train_downstream(list(texts), self.eval_texts, self.cfg.downstream)
+        return {"accuracy": result.best_top1, "top5_accuracy": result.best_top5}
+
+    def texts(self, texts: Sequence[str]) -> dict[str, float]:
+        """Both: downstream accuracy and distribution metrics."""
+        return {**self.downstream(texts), **self.distribution(texts)}
+
+
+def reference_texts(method: str, cfg: RunConfig, evaluator: Evaluator, n: int) -> list[str]:
+    """Training texts of a reference row.
+
+    ``eps0``: ``n`` public samples generated zero-shot from ``public_set.description`` with the
+    run's generator (what POPri starts from, with no client feedback). ``epsinf``: the clients'
+    private training text (seeded order; the downstream token budget cuts it like any set).
+    """
+    if method == "epsinf":
+        texts = evaluator.federation.all_train_texts()
+        order = np.random.default_rng(cfg.seed).permutation(len(texts))
+        return [texts[i] for i in order]
+    from popri_flwr.generation import SamplingParams, make_generator
+    from popri_flwr.public_set import build_public_set
+
+    g, p = cfg.generation, cfg.public_set
+    generator = make_generator(
+        backend=g.backend,
+        model_name_or_path=g.model,
+        device=g.device,
+        batch_size=g.batch_size,
+        cache_dir=g.cache_dir,
+    )
+    params = SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        max_new_tokens=g.max_new_tokens,
+        truncate_tokens=g.truncate_tokens,
+        seed=cfg.seed + 7919,
+    )
+    return build_public_set(generator, p.description, n, params, path=p.path)
+
+
+def synthetic_texts(method: str, run_dir: Path, n: int) -> list[str]:
+    """The synthetic set of a finished private run, ``n`` texts.
+
+    POPri: ``n`` fresh samples from the final policy (base + LoRA adapter), same prompts and
+    sampling as the run. PE: the final population, expanded by variations to ``n``.
+    """
+    if method == "popri":
+        from popri_flwr.synthetic import generate_synthetic, load_texts_jsonl
+
+        path = generate_synthetic(run_dir, n, run_dir / "synthetic.jsonl")
+        return load_texts_jsonl(path)
+    if method == "pe":
+        return pe_synthetic(run_dir, n)
+    raise ValueError(f"methods: {method!r} produces no synthetic text")
+
+
+def pe_synthetic(run_dir: Path, n: int) -> list[str]:
+    """PE's final population (``samples/round_{R+1}.jsonl``), expanded by variations to ``n``."""
+    from popri_flwr.generation import SamplingParams, make_generator
+    from popri_flwr.run_dir import RunDirectory
+    from popri_flwr.strategies.private_evolution import expand_population
+
+    out = run_dir / "synthetic.jsonl"
+    if out.exists():
+        rows = RunDirectory.read_jsonl(out)
+        if len(rows) >= n:
+            return [r["text"] for r in rows[:n]]
+    rd = RunDirectory(run_dir)
+    cfg = _run_config(run_dir)
+    final = rd.samples_path(rd.finished_rounds() + 1)
+    if not final.exists():
+        raise FileNotFoundError(f"{final}: PE's final population is missing (run not finished?)")
+    texts = [r["text"] for r in rd.read_jsonl(final)]
+    g = cfg.generation
+    generator = make_generator(
+        backend=g.backend,
+        model_name_or_path=g.model,
+        device=g.device,
+        batch_size=g.batch_size,
+        cache_dir=g.cache_dir,
+    )
+    params = SamplingParams(
+        temperature=g.temperature,
+        top_p=g.top_p,
+        max_new_tokens=g.max_new_tokens,
+        truncate_tokens=g.truncate_tokens,
+        seed=cfg.seed + 104729,
+    )
+    texts = expand_population(generator, texts, n, params)
+    rd.write_jsonl(out, ({"text": t} for t in texts))
+    return texts
+
+
+def _run_config(run_dir: Path) -> RunConfig:
+    import yaml
+
+    from popri_flwr.config import load_run_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (no config.yaml)")
+    return load_run_config(yaml.safe_load(path.read_text()))
+
+
+def run_costs(run_dir: Path) -> dict[str, float]:
+    """Epsilon spent and mean per-client-per-round costs from a run's ``rounds.jsonl``."""
+    from popri_flwr.run_dir import RunDirectory
+
+    rounds = RunDirectory(run_dir).read_rounds()
+    if not rounds:
+        raise RuntimeError(f"{run_dir}/rounds.jsonl: no finished round")
+
+    def mean(key: str) -> float:
+        vals = [float(r[key]) for r in rounds if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    return {
+        "epsilon_spent": float(rounds[-1]["epsilon_spent"]),
+        "bytes_down_per_client_round": mean("bytes_down"),
+        "bytes_up_per_client_round": mean("bytes_up"),
+        "client_seconds_per_round": mean("client_seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------- running
+def run_private(
+    bc: BenchmarkConfig, method: str, epsilon: float, run_dir: Path, log_path: Path
+) -> None:
+    """``popri-run`` for one row, in a subprocess (a crash fails the row, not the grid)."""
+    args = [
+        sys.executable,
+        "-m",
+        "popri_flwr.cli.run",
+        *bc.run_overrides,
+        f"strategy={method}",
+        *bc.method_overrides.get(method, []),
+        f"privacy.epsilon={'.inf' if math.isinf(epsilon) else epsilon}",
+        "evaluation.report_client_seconds=true",
+        f"run_dir={run_dir}",
+    ]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    logger.info("%s: %s (log: %s)", row_key(method, epsilon), " ".join(args[3:]), log_path)
+    with open(log_path, "ab") as log:
+        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"popri-run exited with {proc.returncode}; see {log_path}")
+    if not (run_dir / "rounds.jsonl").exists():
+        raise RuntimeError(f"popri-run wrote no rounds; see {log_path}")
+
+
+def evaluate_row(
+    bc: BenchmarkConfig, method: str, epsilon: float | None, evaluator: Evaluator
+) -> dict[str, Any]:
+    """Run (if private) and score one row; exceptions propagate to :func:`run_row`."""
+    cfg = evaluator.cfg
+    row: dict[str, Any] = {"method": method, "epsilon": epsilon}
+    if method in REFERENCES:
+        texts = reference_texts(method, cfg, evaluator, bc.synthetic_size)
+        row.update(evaluator.texts(texts))
+        row["epsilon_spent"] = 0.0 if method == "eps0" else float("inf")
+        return row
+    run_dir = (bc.out / "runs" / row_key(method, epsilon)).resolve()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_private(bc, method, epsilon, run_dir, bc.out / "logs" / f"{row_key(method, epsilon)}.log")
+    row["run_dir"] = str(run_dir)
+    row.update(run_costs(run_dir))
+    if method == "dp_fedavg":
+        from popri_flwr.strategies.dp_fedavg import evaluate_run_dir
+
+        row.update(evaluate_run_dir(run_dir, evaluator.eval_texts, cfg.downstream))
+    else:
+        row.update(evaluator.texts(synthetic_texts(method, run_dir, bc.synthetic_size)))
+    return row
+
+
+def run_row(
+    bc: BenchmarkConfig, method: str, epsilon: float | None, evaluator: Evaluator | None
+) -> dict[str, Any]:
+    """One row, cached in ``rows/``; a failure becomes a row whose status says why."""
+    path = bc.out / "rows" / f"{row_key(method, epsilon)}.json"
+    if bc.resume and path.exists():
+        row = json.loads(path.read_text())
+        if row.get("status") == "ok":
+            logger.info("%s: done earlier (%s)", row_key(method, epsilon), path)
+            return row
+    start = time.perf_counter()
+    try:
+        if evaluator is None:
+            raise RuntimeError("the evaluation set-up failed (see the log above)")
+        row = {**evaluate_row(bc, method, epsilon, evaluator), "status": "ok"}
+    except Exception as err:  # noqa: BLE001 - one failed method must not hide the others
+        logger.exception("%s failed", row_key(method, epsilon))
+        row = {"method": method, "epsilon": epsilon, "status": f"failed: {err}".splitlines()[0]}
+    row["wall_seconds"] = time.perf_counter() - start
+    if method in REFERENCES:  # shown as the budgets they stand for
+        row["epsilon"] = 0.0 if method == "eps0" else float("inf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, allow_nan=True))
+    return row
+
+
+def run_benchmark(bc: BenchmarkConfig) -> list[dict[str, Any]]:
+    """Run the grid and write ``results.csv``, ``results.md`` and the plots into ``bc.out``."""
+    from popri_flwr.hydra_config import load_config
+
+    cfg = load_config(bc.run_overrides)  # bad overrides stop here, before any work
+    for method, extra in bc.method_overrides.items():
+        load_config([*bc.run_overrides, f"strategy={method}", *extra])
+    bc.out.mkdir(parents=True, exist_ok=True)
+    (bc.out / "logs").mkdir(exist_ok=True)
+    (bc.out / "benchmark.json").write_text(json.dumps(asdict(bc), indent=2, allow_nan=True))
+    try:
+        evaluator: Evaluator | None = Evaluator(cfg, bc.max_eval_texts)
+    except Exception:  # noqa: BLE001 - every row then fails with the reason logged
+        logger.exception("evaluation set-up failed")
+        evaluator = None
+    rows = []
+    for method, epsilon in bc.grid():
+        rows.append(run_row(bc, method, epsilon, evaluator))
+        finish_rows(rows)
+        write_results(rows, bc.out)
+    write_plots(rows, bc.out)
+    return rows
+
+
+def finish_rows(rows: list[dict[str, Any]]) -> None:
+    """Fill ``gap_closed`` from the reference rows (NaN without both)."""
+    acc = {r["method"]: r.get("accuracy") for r in rows if r["method"] in REFERENCES}
+    a0, ainf = acc.get("eps0"), acc.get("epsinf")
+    for r in rows:
+        if r.get("accuracy") is None or a0 is None or ainf is None:
+            r["gap_closed"] = float("nan")
+        else:
+            r["gap_closed"] = gap_closed(float(r["accuracy"]), float(a0), float(ainf))
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if math.isinf(value):
+            return "inf"
+        if key.startswith("bytes"):
+            return f"{value:,.0f}"
+        if key in ("wall_seconds", "client_seconds_per_round"):
+            return f"{value:.1f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], out: Path) -> tuple[Path, Path]:
+    """``results.csv`` (all columns, raw values) and ``results.md`` (formatted table)."""
+    csv_path, md_path = out / "results.csv", out / "results.md"
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    os.replace(tmp, csv_path)
+    cols = [c for c in COLUMNS if c != "run_dir"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c), c) for c in cols) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def write_plots(rows: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+    """Accuracy bars by method and epsilon; FID and epsilon spent by round of every run."""
+    written = []
+    try:
+        from popri_flwr import plots
+
+        plots.plot_accuracy(rows, out / "accuracy.png")
+        written.append(out / "accuracy.png")
+        runs = {
+            row_key(r["method"], r["epsilon"]): r["run_dir"]
+            for r in rows
+            if r.get("run_dir") and (Path(r["run_dir"]) / "rounds.jsonl").exists()
+        }
+        if runs:
+            for metric in ("epsilon_spent", "fid_next"):
+                path = out / f"{metric}_by_round.png"
+                try:
+                    plots.plot_rounds(runs, path, metric)
+                    written.append(path)
+                except ValueError as err:  # e.g. no run logs this metric
+                    logger.warning("plot %s skipped: %s", path.name, err)
+    except Exception:  # noqa: BLE001 - the table is already written; a plot must not lose it
+        logger.exception("plots failed")
+    return written

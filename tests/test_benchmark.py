@@ -1,0 +1,128 @@
+"""The comparison table: gap closed, config checks, and a tiny grid with a failing method.
+
+The tiny grid runs the two references for real (zero-shot SmolLM2 samples and the private text,
+each scored by the downstream LM) next to a POPri row whose run fails (unknown model): the failed
+row must be in the table with its reason, and the rest of the table must still be written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from popri_flwr.benchmark import (
+    BenchmarkConfig,
+    finish_rows,
+    gap_closed,
+    row_key,
+    run_benchmark,
+    write_results,
+)
+from popri_flwr.cli.benchmark import load_benchmark_config, main
+from popri_flwr.config import ConfigError
+
+
+def test_gap_closed_formula():
+    assert gap_closed(0.30, 0.20, 0.40) == pytest.approx(0.5)
+    assert gap_closed(0.20, 0.20, 0.40) == 0.0
+    assert gap_closed(0.40, 0.20, 0.40) == 1.0
+    assert gap_closed(0.10, 0.20, 0.40) == pytest.approx(-0.5)  # worse than no feedback
+    assert math.isnan(gap_closed(0.3, 0.2, 0.2))  # references coincide: undefined
+    assert math.isnan(gap_closed(float("nan"), 0.2, 0.4))
+
+
+def test_finish_rows_uses_the_reference_rows():
+    rows = [
+        {"method": "eps0", "accuracy": 0.1},
+        {"method": "epsinf", "accuracy": 0.3},
+        {"method": "popri", "epsilon": 1.0, "accuracy": 0.25},
+        {"method": "pe", "epsilon": 1.0, "status": "failed: boom"},
+    ]
+    finish_rows(rows)
+    assert [r["gap_closed"] for r in rows[:3]] == pytest.approx([0.0, 1.0, 0.75])
+    assert math.isnan(rows[3]["gap_closed"])
+
+
+def test_grid_and_row_keys():
+    bc = BenchmarkConfig(methods=["popri", "eps0", "epsinf"], epsilons=[1.0, 7.5])
+    assert bc.grid() == [("eps0", None), ("epsinf", None), ("popri", 1.0), ("popri", 7.5)]
+    assert row_key("popri", 1.0) == "popri_eps1"
+    assert row_key("pe", float("inf")) == "pe_epsinf"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["methods=[popri,nope]"], "methods"),
+        (["epsilons=[-1]"], "epsilons"),
+        (["synthetic_size=0"], "synthetic_size"),
+        (["colour=red"], "colour"),
+    ],
+)
+def test_bad_benchmark_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        load_benchmark_config("tiny", overrides)
+
+
+def test_cli_bad_preset_is_one_line(capsys):
+    assert main(["--preset", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--preset" in err[0] and "tiny" in err[0]
+
+
+def test_results_table_keeps_failed_rows(tmp_path):
+    rows = [
+        {"method": "eps0", "epsilon": 0.0, "status": "ok", "accuracy": 0.1, "wall_seconds": 3.0},
+        {"method": "popri", "epsilon": 1.0, "status": "failed: popri-run exited with 2"},
+    ]
+    finish_rows(rows)
+    csv_path, md_path = write_results(rows, tmp_path)
+    table = list(csv.DictReader(csv_path.open()))
+    assert [r["method"] for r in table] == ["eps0", "popri"]
+    assert table[1]["status"].startswith("failed") and table[1]["accuracy"] == ""
+    md = md_path.read_text().splitlines()
+    assert md[0].startswith("| method | epsilon | status | accuracy")
+    assert "failed: popri-run exited with 2" in md[3]
+
+
+def test_tiny_grid_end_to_end(tmp_path):
+    bc = load_benchmark_config(
+        "tiny",
+        [
+            f"out_dir={tmp_path / 'bench'}",
+            "methods=[eps0,epsinf,popri]",
+            "epsilons=[7]",
+            "synthetic_size=8",
+            "max_eval_texts=24",
+            # A run that fails after the config checks: the model does not exist.
+            f"method_overrides={{popri: [generation.model={tmp_path / 'no-such-model'}]}}",
+        ],
+    )
+    rows = run_benchmark(bc)
+    by = {r["method"]: r for r in rows}
+    assert by["eps0"]["status"] == by["epsinf"]["status"] == "ok"
+    for ref in ("eps0", "epsinf"):
+        assert 0.0 < by[ref]["accuracy"] <= by[ref]["top5_accuracy"] <= 1.0
+        assert by[ref]["fid"] > 0 and 0 <= by[ref]["precision"] <= 1
+    assert by["eps0"]["epsilon_spent"] == 0.0 and math.isinf(by["epsinf"]["epsilon_spent"])
+    if by["eps0"]["accuracy"] != by["epsinf"]["accuracy"]:
+        assert by["eps0"]["gap_closed"] == 0.0 and by["epsinf"]["gap_closed"] == 1.0
+    assert by["popri"]["status"].startswith("failed: popri-run exited with 2")
+    log = (bc.out / "logs" / "popri_eps7.log").read_text()
+    assert "no-such-model" in log  # the run's own one-line error is kept for the user
+
+    out = bc.out
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in table] == ["eps0", "epsinf", "popri"]
+    assert (out / "results.md").read_text().count("\n") == 5
+    png = (out / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Started again: finished rows are reused (not recomputed), the failed one is retried.
+    saved = json.loads((out / "rows" / "eps0.json").read_text())
+    again = {r["method"]: r for r in run_benchmark(bc)}
+    assert again["eps0"]["wall_seconds"] == saved["wall_seconds"]
+    assert again["popri"]["status"].startswith("failed")
