@@ -245,7 +245,7 @@ def synthetic_texts(method: str, run_dir: Path, n: int) -> list[str]:
     if method == "popri":
         from popri_flwr.synthetic import generate_synthetic, load_texts_jsonl
 
-        path = generate_synthetic(run_dir, n, run_dir / "synthetic.jsonl")
+        path = generate_synthetic(run_dir, n, _synthetic_path(run_dir))
         return load_texts_jsonl(path)
     if method == "pe":
         return pe_synthetic(run_dir, n)
@@ -258,7 +258,7 @@ def pe_synthetic(run_dir: Path, n: int) -> list[str]:
     from popri_flwr.run_dir import RunDirectory
     from popri_flwr.strategies.private_evolution import expand_population
 
-    out = run_dir / "synthetic.jsonl"
+    out = _synthetic_path(run_dir)
     if out.exists():
         rows = RunDirectory.read_jsonl(out)
         if len(rows) >= n:
@@ -287,6 +287,13 @@ def pe_synthetic(run_dir: Path, n: int) -> list[str]:
     texts = expand_population(generator, texts, n, params)
     rd.write_jsonl(out, ({"text": t} for t in texts))
     return texts
+
+
+def _synthetic_path(run_dir: Path) -> Path:
+    # Named by the rounds it comes from: a run extended later gets a new synthetic set.
+    from popri_flwr.run_dir import RunDirectory
+
+    return run_dir / f"synthetic_round{RunDirectory(run_dir).finished_rounds():03d}.jsonl"
 
 
 def _run_config(run_dir: Path) -> RunConfig:

@@ -274,7 +274,7 @@ def load_tokenizer(config: DownstreamConfig):
     path = resolve_model_path(name, config.cache_dir)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a model dir without tokenizer files
         key = "tokenizer" if config.model == SCRATCH else "model"
         raise ValueError(f"downstream.{key}: cannot load a tokenizer from {name!r}: {err}") from err
 
