@@ -205,15 +205,16 @@ class Evaluator:
 
 
 def reference_texts(method: str, cfg: RunConfig, evaluator: Evaluator, n: int) -> list[str]:
-    """Training texts of a reference row.
+    """Training texts of a reference row (``n`` of them, like every other row).
 
     ``eps0``: ``n`` public samples generated zero-shot from ``public_set.description`` with the
-    run's generator (what POPri starts from, with no client feedback). ``epsinf``: the clients'
-    private training text (seeded order; the downstream token budget cuts it like any set).
+    run's generator (what POPri starts from, with no client feedback). ``epsinf``: a seeded
+    sample of ``n`` of the clients' private training texts (same count, and the same downstream
+    token budget, as the synthetic sets it is compared with).
     """
     if method == "epsinf":
         texts = evaluator.federation.all_train_texts()
-        order = np.random.default_rng(cfg.seed).permutation(len(texts))
+        order = np.random.default_rng(cfg.seed).permutation(len(texts))[:n]
         return [texts[i] for i in order]
     from popri_flwr.generation import SamplingParams, make_generator
     from popri_flwr.public_set import build_public_set
