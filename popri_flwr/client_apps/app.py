@@ -24,10 +24,11 @@ Handler = Callable[[Message, RunConfig, int], np.ndarray]
 
 
 def _handlers() -> dict[str, Handler]:
+    from popri_flwr.client_apps.local_training import train_update
     from popri_flwr.client_apps.scoring import score
     from popri_flwr.client_apps.voting import vote
 
-    return {"popri": score, "pe": vote}
+    return {"popri": score, "pe": vote, "dp_fedavg": train_update}
 
 
 def make_client_app(cfg: RunConfig | None = None, report_seconds: bool | None = None) -> ClientApp:

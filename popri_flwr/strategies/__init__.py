@@ -8,6 +8,7 @@ import importlib
 STRATEGIES: dict[str, str] = {
     "popri": "popri_flwr.strategies.popri:PopriStrategy",
     "pe": "popri_flwr.strategies.private_evolution:PrivateEvolutionStrategy",
+    "dp_fedavg": "popri_flwr.strategies.dp_fedavg:DPFedAvgStrategy",
 }
 
 
