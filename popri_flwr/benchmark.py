@@ -362,6 +362,10 @@ def evaluate_row(
     row: dict[str, Any] = {"method": method, "epsilon": epsilon}
     if method in REFERENCES:
         texts = reference_texts(method, cfg, evaluator, bc.synthetic_size)
+        if method == "eps0":  # public texts: kept for inspection (the private ones are not)
+            path = bc.out / "rows" / "eps0_texts.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         row.update(evaluator.texts(texts))
         row["epsilon_spent"] = 0.0 if method == "eps0" else float("inf")
         return row
