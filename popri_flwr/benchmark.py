@@ -22,6 +22,7 @@ runs themselves resume from their run directories).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -125,6 +126,12 @@ class BenchmarkConfig:
     @property
     def out(self) -> Path:
         return Path(self.out_dir or f"benchmarks/{self.name}")
+
+    def settings_hash(self) -> str:
+        """Hash of what a row's numbers depend on (a cached row is reused only if equal)."""
+        keys = ("run_overrides", "method_overrides", "synthetic_size", "max_eval_texts")
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def grid(self) -> list[tuple[str, float | None]]:
         """(method, epsilon) of every row, references first (they anchor ``gap_closed``)."""
@@ -390,9 +397,13 @@ def run_row(
     path = bc.out / "rows" / f"{row_key(method, epsilon)}.json"
     if bc.resume and path.exists():
         row = json.loads(path.read_text())
-        if row.get("status") == "ok":
+        if row.get("status") == "ok" and row.get("settings") == bc.settings_hash():
             logger.info("%s: done earlier (%s)", row_key(method, epsilon), path)
             return row
+        if row.get("status") == "ok":
+            logger.warning(
+                "%s: settings changed since %s; running it again", row_key(method, epsilon), path
+            )
     start = time.perf_counter()
     try:
         if evaluator is None:
@@ -402,6 +413,7 @@ def run_row(
         logger.exception("%s failed", row_key(method, epsilon))
         row = {"method": method, "epsilon": epsilon, "status": f"failed: {err}".splitlines()[0]}
     row["wall_seconds"] = time.perf_counter() - start
+    row["settings"] = bc.settings_hash()
     if method in REFERENCES:  # shown as the budgets they stand for
         row["epsilon"] = 0.0 if method == "eps0" else float("inf")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -127,3 +127,18 @@ def test_tiny_grid_end_to_end(tmp_path):
     again = {r["method"]: r for r in run_benchmark(bc)}
     assert again["eps0"]["wall_seconds"] == saved["wall_seconds"]
     assert again["popri"]["status"].startswith("failed")
+
+
+def test_cached_rows_are_reused_only_with_the_same_settings(tmp_path):
+    from popri_flwr.benchmark import run_row
+
+    bc = BenchmarkConfig(out_dir=str(tmp_path), methods=["eps0"], synthetic_size=10)
+    rows_dir = tmp_path / "rows"
+    rows_dir.mkdir()
+    cached = {"method": "eps0", "status": "ok", "accuracy": 0.5, "settings": bc.settings_hash()}
+    (rows_dir / "eps0.json").write_text(json.dumps(cached))
+    # evaluator=None: anything that is not taken from the cache fails visibly.
+    assert run_row(bc, "eps0", None, None)["accuracy"] == 0.5
+    other = BenchmarkConfig(out_dir=str(tmp_path), methods=["eps0"], synthetic_size=20)
+    assert other.settings_hash() != bc.settings_hash()
+    assert run_row(other, "eps0", None, None)["status"].startswith("failed")
