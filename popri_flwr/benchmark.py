@@ -169,11 +169,7 @@ class Evaluator:
 
         self.cfg = cfg
         self.federation = load_federation(cfg.data)
-        texts = self.federation.all_eval_texts()
-        if len(texts) > max_eval_texts:
-            rng = np.random.default_rng(cfg.seed)
-            idx = np.sort(rng.choice(len(texts), max_eval_texts, replace=False))
-            texts = [texts[i] for i in idx]
+        texts = self.federation.eval_sample(max_eval_texts, cfg.seed)
         if not texts:
             raise ValueError(f"data: federation {self.federation.name} has no evaluation texts")
         self.eval_texts = texts
@@ -223,17 +219,11 @@ def reference_texts(method: str, cfg: RunConfig, evaluator: Evaluator, n: int) -
         texts = evaluator.federation.all_train_texts()
         order = np.random.default_rng(cfg.seed).permutation(len(texts))[:n]
         return [texts[i] for i in order]
-    from popri_flwr.generation import SamplingParams, make_generator
+    from popri_flwr.generation import SamplingParams, generator_from_config
     from popri_flwr.public_set import build_public_set
 
     g, p = cfg.generation, cfg.public_set
-    generator = make_generator(
-        backend=g.backend,
-        model_name_or_path=g.model,
-        device=g.device,
-        batch_size=g.batch_size,
-        cache_dir=g.cache_dir,
-    )
+    generator = generator_from_config(g)
     params = SamplingParams(
         temperature=p.temperature,
         top_p=p.top_p,
@@ -262,7 +252,7 @@ def synthetic_texts(method: str, run_dir: Path, n: int) -> list[str]:
 
 def pe_synthetic(run_dir: Path, n: int) -> list[str]:
     """PE's final population (``samples/round_{R+1}.jsonl``), expanded by variations to ``n``."""
-    from popri_flwr.generation import SamplingParams, make_generator
+    from popri_flwr.generation import SamplingParams, generator_from_config
     from popri_flwr.run_dir import RunDirectory
     from popri_flwr.strategies.private_evolution import expand_population
 
@@ -278,20 +268,8 @@ def pe_synthetic(run_dir: Path, n: int) -> list[str]:
         raise FileNotFoundError(f"{final}: PE's final population is missing (run not finished?)")
     texts = [r["text"] for r in rd.read_jsonl(final)]
     g = cfg.generation
-    generator = make_generator(
-        backend=g.backend,
-        model_name_or_path=g.model,
-        device=g.device,
-        batch_size=g.batch_size,
-        cache_dir=g.cache_dir,
-    )
-    params = SamplingParams(
-        temperature=g.temperature,
-        top_p=g.top_p,
-        max_new_tokens=g.max_new_tokens,
-        truncate_tokens=g.truncate_tokens,
-        seed=cfg.seed + 104729,
-    )
+    generator = generator_from_config(g)
+    params = SamplingParams.from_config(g, cfg.seed + 104729)
     texts = expand_population(generator, texts, n, params)
     rd.write_jsonl(out, ({"text": t} for t in texts))
     return texts

@@ -145,6 +145,18 @@ class Federation:
         """All held-out texts, clients in ``client_ids`` order."""
         return [t for c in self.client_ids for t in self.eval[c]]
 
+    def eval_sample(self, max_texts: int, seed: int) -> list[str]:
+        """A seeded subsample (at most ``max_texts``, in order) of the non-blank held-out texts.
+
+        Evaluation code only (FID, downstream accuracy); every method is scored on the same one.
+        """
+        texts = self.all_eval_texts()
+        if len(texts) > max_texts:
+            rng = np.random.default_rng(seed)
+            idx = np.sort(rng.choice(len(texts), max_texts, replace=False))
+            texts = [texts[i] for i in idx]
+        return [t for t in texts if t and t.strip()]
+
     def summary(self) -> dict[str, Any]:
         """Counts for logs and run metadata (no text content)."""
         train = self.all_train_texts()

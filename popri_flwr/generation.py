@@ -39,6 +39,17 @@ class SamplingParams:
                 f"generation.truncate_tokens: must be >= 1 or null, got {self.truncate_tokens}"
             )
 
+    @classmethod
+    def from_config(cls, g: Any, seed: int) -> SamplingParams:
+        """The sampling settings of a ``generation:`` config (GenerationConfig), seeded."""
+        return cls(
+            temperature=g.temperature,
+            top_p=g.top_p,
+            max_new_tokens=g.max_new_tokens,
+            truncate_tokens=g.truncate_tokens,
+            seed=seed,
+        )
+
 
 class Generator(Protocol):
     """Anything that turns prompts into ``num_samples`` continuations each."""
@@ -210,6 +221,11 @@ def make_generator(
 
         return VLLMGenerator(resolve_model_path(model_name_or_path, cache_dir))
     raise ValueError(f"generation.backend: expected transformers or vllm, got {backend!r}")
+
+
+def generator_from_config(g: Any, progress: bool = True) -> Generator:
+    """:func:`make_generator` for a ``generation:`` config (GenerationConfig)."""
+    return make_generator(g.backend, g.model, g.device, g.batch_size, g.cache_dir, progress)
 
 
 def generate_samples(

@@ -405,3 +405,13 @@ def test_public_texts_errors(tmp_path):
     empty.write_text("\n\n  \n")
     with pytest.raises(ValueError, match=r"^public_set\.path: .*no non-empty texts"):
         load_public_texts(empty)
+
+
+def test_eval_sample_is_a_seeded_ordered_subset(sotu_fileid):
+    everything = sotu_fileid.all_eval_texts()
+    sample = sotu_fileid.eval_sample(50, seed=3)
+    assert len(sample) == 50 and sample == sotu_fileid.eval_sample(50, seed=3)
+    assert sample != sotu_fileid.eval_sample(50, seed=4)
+    positions = [everything.index(t) for t in sample]
+    assert positions == sorted(positions)  # a subset, in the federation's order
+    assert sotu_fileid.eval_sample(10**6, seed=0) == everything

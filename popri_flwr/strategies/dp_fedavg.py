@@ -64,16 +64,6 @@ def checkpoint_path(run_dir: Any, server_round: int) -> Path:
     return Path(run_dir.checkpoint_dir) / f"global_round_{server_round:03d}.npz"
 
 
-def eval_subsample(federation: Any, max_texts: int, seed: int) -> list[str]:
-    """Held-out private texts for evaluation: a seeded subsample (as the FID and benchmark)."""
-    texts = federation.all_eval_texts()
-    if len(texts) > max_texts:
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(len(texts), max_texts, replace=False))
-        texts = [texts[i] for i in idx]
-    return [t for t in texts if t and t.strip()]
-
-
 class DPFedAvgStrategy(PrivateStrategy):
     """DP-FedAvg: clients train the downstream LM; the server averages noisy clipped updates.
 
@@ -144,7 +134,7 @@ class DPFedAvgStrategy(PrivateStrategy):
             tokenizer=tokenizer,
             fedavg=fedavg,
             downstream=cfg.downstream,
-            eval_texts=eval_subsample(federation, cfg.evaluation.max_eval_texts, cfg.seed),
+            eval_texts=federation.eval_sample(cfg.evaluation.max_eval_texts, cfg.seed),
             accountant=accountant,
             clip_norm=cfg.privacy.clip_norm,
             num_clients=population(cfg, federation),

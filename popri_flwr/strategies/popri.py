@@ -144,7 +144,7 @@ class PopriStrategy(PrivateStrategy):
     ) -> PopriStrategy:
         """Build models and the strategy from a :class:`~popri_flwr.config.RunConfig`."""
         from popri_flwr.embedding import get_embedder
-        from popri_flwr.generation import TransformersGenerator, make_generator
+        from popri_flwr.generation import TransformersGenerator, generator_from_config
         from popri_flwr.model_loading import load_causal_lm
         from popri_flwr.server_app import population
 
@@ -156,7 +156,7 @@ class PopriStrategy(PrivateStrategy):
         if g.backend == "transformers":
             generator = TransformersGenerator(dpo.model, tokenizer, batch_size=g.batch_size)
         else:  # vLLM generates from the adapter the strategy saves after each DPO round
-            generator = make_generator(g.backend, g.model, g.device, g.batch_size, g.cache_dir)
+            generator = generator_from_config(g)
         embedder = get_embedder(cfg.embedder.model, cfg.embedder.device)
         return cls(
             generator=generator,
@@ -169,13 +169,7 @@ class PopriStrategy(PrivateStrategy):
             reject_rank=s.reject_rank,
             shots=s.shots,
             payload=s.payload,
-            sampling=SamplingParams(
-                temperature=g.temperature,
-                top_p=g.top_p,
-                max_new_tokens=g.max_new_tokens,
-                truncate_tokens=g.truncate_tokens,
-                seed=cfg.seed,
-            ),
+            sampling=SamplingParams.from_config(g, cfg.seed),
             embedder_name=cfg.embedder.model,
             eval_embeddings=eval_embeddings_for(cfg, federation, embedder),
             accountant=accountant,
@@ -379,9 +373,5 @@ def eval_embeddings_for(cfg: Any, federation: Any, embedder: Embedder) -> np.nda
     """Embeddings of (a seeded subsample of) held-out private text, for evaluation only."""
     if not cfg.evaluation.fid:
         return None
-    texts = federation.all_eval_texts()
-    if len(texts) > cfg.evaluation.max_eval_texts:
-        rng = np.random.default_rng(cfg.seed)
-        idx = np.sort(rng.choice(len(texts), cfg.evaluation.max_eval_texts, replace=False))
-        texts = [texts[i] for i in idx]
+    texts = federation.eval_sample(cfg.evaluation.max_eval_texts, cfg.seed)
     return embedder.embed(texts) if len(texts) >= 2 else None

@@ -208,20 +208,14 @@ class PrivateEvolutionStrategy(PrivateStrategy):
         and ``votes_k``.
         """
         from popri_flwr.embedding import get_embedder
-        from popri_flwr.generation import make_generator
+        from popri_flwr.generation import generator_from_config
         from popri_flwr.server_app import population
         from popri_flwr.strategies.popri import eval_embeddings_for
 
         g, s = cfg.generation, cfg.strategy
         # Validate before loading any model.
         pe = PEConfig.from_extra(s.extra or {}, s.num_prompts * s.samples_per_prompt)
-        generator = make_generator(
-            backend=g.backend,
-            model_name_or_path=g.model,
-            device=g.device,
-            batch_size=g.batch_size,
-            cache_dir=g.cache_dir,
-        )
+        generator = generator_from_config(g)
         embedder = get_embedder(cfg.embedder.model, cfg.embedder.device)
         return cls(
             generator=generator,
@@ -230,13 +224,7 @@ class PrivateEvolutionStrategy(PrivateStrategy):
             description=cfg.public_set.description,
             initial_path=cfg.public_set.path,
             pe=pe,
-            sampling=SamplingParams(
-                temperature=g.temperature,
-                top_p=g.top_p,
-                max_new_tokens=g.max_new_tokens,
-                truncate_tokens=g.truncate_tokens,
-                seed=cfg.seed,
-            ),
+            sampling=SamplingParams.from_config(g, cfg.seed),
             payload=s.payload,
             embedder_name=cfg.embedder.model,
             eval_embeddings=eval_embeddings_for(cfg, federation, embedder),
