@@ -212,13 +212,24 @@ def reference_texts(method: str, cfg: RunConfig, evaluator: Evaluator, n: int) -
 
     ``eps0``: ``n`` public samples generated zero-shot from ``public_set.description`` with the
     run's generator (what POPri starts from, with no client feedback). ``epsinf``: a seeded
-    sample of ``n`` of the clients' private training texts (same count, and the same downstream
-    token budget, as the synthetic sets it is compared with).
+    sample of ``n`` of the clients' private training texts, each cut to
+    ``generation.truncate_tokens`` tokens like every generated sample, so that the downstream LM
+    gets the same number of texts, steps and (at most) tokens as for the synthetic sets.
     """
     if method == "epsinf":
         texts = evaluator.federation.all_train_texts()
         order = np.random.default_rng(cfg.seed).permutation(len(texts))[:n]
-        return [texts[i] for i in order]
+        texts = [texts[i] for i in order]
+        if cfg.generation.truncate_tokens:
+            from transformers import AutoTokenizer
+
+            from popri_flwr.generation import truncate_to_tokens
+            from popri_flwr.model_loading import resolve_model_path
+
+            g = cfg.generation
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(g.model, g.cache_dir))
+            texts = [truncate_to_tokens(t, tok, g.truncate_tokens) for t in texts]
+        return texts
     from popri_flwr.generation import SamplingParams, generator_from_config
     from popri_flwr.public_set import build_public_set
 

@@ -228,6 +228,12 @@ def generator_from_config(g: Any, progress: bool = True) -> Generator:
     return make_generator(g.backend, g.model, g.device, g.batch_size, g.cache_dir, progress)
 
 
+def truncate_to_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
+    """``text`` cut to its first ``max_tokens`` tokens (no special tokens counted)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]).strip()
+
+
 def generate_samples(
     generator: Generator,
     prompts: Sequence[str],
@@ -245,9 +251,7 @@ def generate_samples(
         for text in group:
             text = extract_sample(text)
             if params.truncate_tokens and tok is not None:
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-                if len(ids) > params.truncate_tokens:
-                    text = tok.decode(ids[: params.truncate_tokens]).strip()
+                text = truncate_to_tokens(text, tok, params.truncate_tokens)
             empty += not text
             texts.append(text)
         out.append(texts)

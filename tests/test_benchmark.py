@@ -142,3 +142,23 @@ def test_cached_rows_are_reused_only_with_the_same_settings(tmp_path):
     other = BenchmarkConfig(out_dir=str(tmp_path), methods=["eps0"], synthetic_size=20)
     assert other.settings_hash() != bc.settings_hash()
     assert run_row(other, "eps0", None, None)["status"].startswith("failed")
+
+
+def test_epsinf_texts_get_the_synthetic_token_budget():
+    """eps-inf trains on private texts cut to generation.truncate_tokens, like every sample."""
+    from transformers import AutoTokenizer
+
+    from popri_flwr.benchmark import Evaluator, reference_texts
+    from popri_flwr.hydra_config import load_config
+    from popri_flwr.model_loading import resolve_model_path
+
+    cfg = load_config(["experiment=demo", "data.max_clients=6", "generation.truncate_tokens=8"])
+    evaluator = Evaluator(cfg, 10)
+    texts = reference_texts("epsinf", cfg, evaluator, 12)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.generation.model))
+    private = evaluator.federation.all_train_texts()
+    assert len(texts) == 12
+    for text in texts:
+        assert 0 < len(tok(text, add_special_tokens=False)["input_ids"]) <= 8
+        assert any(p.startswith(text) for p in private)  # a prefix, not a rewrite
+    assert max(len(p.split()) for p in private) > 8  # the cut did something
