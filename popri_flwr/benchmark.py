@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 #: Rows that need no private run; every other method name is a ``strategy.name``.
 REFERENCES = ("eps0", "epsinf")
 
+#: Bumped when the way rows are scored changes (2: eps-inf texts cut to truncate_tokens), so
+#: rows cached by an older version are computed again instead of mixed into a new table.
+SCORING_VERSION = 2
+
 #: Column order of ``results.csv`` (and of the Markdown table, minus ``run_dir``).
 COLUMNS = (
     "method",
@@ -130,7 +134,8 @@ class BenchmarkConfig:
     def settings_hash(self) -> str:
         """Hash of what a row's numbers depend on (a cached row is reused only if equal)."""
         keys = ("run_overrides", "method_overrides", "synthetic_size", "max_eval_texts")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        settings = {k: getattr(self, k) for k in keys} | {"scoring": SCORING_VERSION}
+        blob = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def grid(self) -> list[tuple[str, float | None]]:

@@ -162,3 +162,12 @@ def test_epsinf_texts_get_the_synthetic_token_budget():
         assert 0 < len(tok(text, add_special_tokens=False)["input_ids"]) <= 8
         assert any(p.startswith(text) for p in private)  # a prefix, not a rewrite
     assert max(len(p.split()) for p in private) > 8  # the cut did something
+
+
+def test_rows_of_an_older_scoring_version_are_not_reused(monkeypatch):
+    import popri_flwr.benchmark as benchmark
+
+    bc = BenchmarkConfig(methods=["eps0"])
+    before = bc.settings_hash()
+    monkeypatch.setattr(benchmark, "SCORING_VERSION", benchmark.SCORING_VERSION - 1)
+    assert bc.settings_hash() != before
