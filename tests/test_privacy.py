@@ -6,26 +6,38 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from popri_flwr.cli.privacy import build_parser
 from popri_flwr.cli.privacy import main as cli_main
 from popri_flwr.privacy import (
+    ACCOUNTING_METHODS,
+    DEFAULT_ACCOUNTING,
     DEFAULT_ORDERS,
     PrivacyAccountant,
     PrivacyBudgetExceeded,
     calibrate_noise_multiplier,
     compute_epsilon,
-    gaussian_noise,
-    noise_std,
 )
+
+BOTH = pytest.mark.parametrize("accounting", ACCOUNTING_METHODS)
 
 # `python -m` puts the working directory on sys.path, so run it from the repo root.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- reference values
+
+
+def test_accounting_methods_and_default():
+    assert ACCOUNTING_METHODS == ("pld", "rdp")
+    assert DEFAULT_ACCOUNTING == "pld"
+    assert compute_epsilon(19.3, 1.0, 20, 3e-6) == compute_epsilon(
+        19.3, 1.0, 20, 3e-6, accounting="pld"
+    )
 
 
 @pytest.mark.parametrize(
@@ -38,9 +50,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
         (2.31, 11, 7.58),
     ],
 )
-def test_reference_epsilons_full_participation(sigma, rounds, expected):
-    # Reference values are given to 3 significant digits; 0.5% covers the rounding only.
-    assert compute_epsilon(sigma, 1.0, rounds, 3e-6) == pytest.approx(expected, rel=5e-3)
+def test_reference_rdp_epsilons_full_participation(sigma, rounds, expected):
+    # Reference values (RDP) are given to 3 significant digits; 0.5% covers the rounding only.
+    eps = compute_epsilon(sigma, 1.0, rounds, 3e-6, accounting="rdp")
+    assert eps == pytest.approx(expected, rel=5e-3)
+    # PLD is tighter (tested against the exact value in test_accounting_reference.py).
+    assert compute_epsilon(sigma, 1.0, rounds, 3e-6, accounting="pld") < eps
 
 
 def _closed_form_rdp(sigma: float, rounds: int, orders) -> np.ndarray:
@@ -66,7 +81,7 @@ def _classic_conversion(orders, rdp, delta: float) -> float:
     [(19.3, 20, 3e-6), (3.35, 20, 3e-6), (1.0, 1, 1e-5), (0.7, 50, 1e-3), (50.0, 200, 1e-8)],
 )
 def test_full_participation_matches_closed_form_gaussian_rdp(sigma, rounds, delta):
-    eps = compute_epsilon(sigma, 1.0, rounds, delta)
+    eps = compute_epsilon(sigma, 1.0, rounds, delta, accounting="rdp")
     rdp = _closed_form_rdp(sigma, rounds, DEFAULT_ORDERS)
     assert eps == pytest.approx(_balle_conversion(DEFAULT_ORDERS, rdp, delta), rel=1e-9)
     # The classic conversion is looser, so it can never be below our value.
@@ -81,32 +96,56 @@ def test_default_orders_follow_opacus():
     assert all(a > 1 for a in DEFAULT_ORDERS)
 
 
-def test_edge_cases():
-    assert compute_epsilon(0.0, 1.0, 5, 1e-5) == math.inf
-    assert compute_epsilon(0.0, 0.1, 5, 1e-5) == math.inf
-    assert compute_epsilon(1.0, 0.1, 0, 1e-5) == 0.0
-    assert compute_epsilon(0.0, 1.0, 0, 1e-5) == 0.0
+@BOTH
+def test_edge_cases(accounting):
+    assert compute_epsilon(0.0, 1.0, 5, 1e-5, accounting=accounting) == math.inf
+    assert compute_epsilon(0.0, 0.1, 5, 1e-5, accounting=accounting) == math.inf
+    assert compute_epsilon(1.0, 0.1, 0, 1e-5, accounting=accounting) == 0.0
+    assert compute_epsilon(0.0, 1.0, 0, 1e-5, accounting=accounting) == 0.0
+    assert 0.0 <= compute_epsilon(1e6, 1.0, 3, 1e-5, accounting=accounting) < 1e-3
+
+
+def test_orders_only_matter_for_rdp():
+    assert compute_epsilon(2.0, 0.5, 10, 1e-5, accounting="pld", orders=(2.0,)) == compute_epsilon(
+        2.0, 0.5, 10, 1e-5, accounting="pld"
+    )
+    few = compute_epsilon(2.0, 0.5, 10, 1e-5, accounting="rdp", orders=(2.0,))
+    assert few > compute_epsilon(2.0, 0.5, 10, 1e-5, accounting="rdp")
+
+
+def test_repeated_queries_are_cached_and_identical():
+    args = (2.345, 0.37, 17, 1.23e-5)
+    first = compute_epsilon(*args)
+    start = time.perf_counter()
+    for _ in range(100):
+        assert compute_epsilon(*args) == first
+    assert time.perf_counter() - start < 1.0  # 100 uncached PLD evaluations take seconds
 
 
 # --------------------------------------------------------------------------- monotonicity
 
 
-def test_subsampling_amplifies():
+@BOTH
+def test_subsampling_amplifies(accounting):
     for sigma in (0.8, 2.0, 10.0):
-        full = compute_epsilon(sigma, 1.0, 10, 1e-5)
-        half = compute_epsilon(sigma, 0.5, 10, 1e-5)
-        tenth = compute_epsilon(sigma, 0.1, 10, 1e-5)
+        full = compute_epsilon(sigma, 1.0, 10, 1e-5, accounting=accounting)
+        half = compute_epsilon(sigma, 0.5, 10, 1e-5, accounting=accounting)
+        tenth = compute_epsilon(sigma, 0.1, 10, 1e-5, accounting=accounting)
         assert tenth < half < full
 
 
-def test_monotone_in_sigma_and_rounds():
+@BOTH
+def test_monotone_in_sigma_and_rounds(accounting):
+    def eps(sigma, q, rounds, delta=1e-5):
+        return compute_epsilon(sigma, q, rounds, delta, accounting=accounting)
+
     for q in (0.05, 1.0):
-        eps_by_sigma = [compute_epsilon(s, q, 10, 1e-5) for s in (0.6, 1.0, 2.0, 4.0, 8.0)]
+        eps_by_sigma = [eps(s, q, 10) for s in (0.3, 0.6, 1.0, 2.0, 4.0, 8.0)]
         assert all(a > b for a, b in zip(eps_by_sigma, eps_by_sigma[1:], strict=False))
-        eps_by_rounds = [compute_epsilon(2.0, q, t, 1e-5) for t in (1, 2, 5, 20, 100)]
+        eps_by_rounds = [eps(2.0, q, t) for t in (1, 2, 5, 20, 100)]
         assert all(a < b for a, b in zip(eps_by_rounds, eps_by_rounds[1:], strict=False))
     # Larger delta -> smaller epsilon.
-    assert compute_epsilon(2.0, 1.0, 10, 1e-3) < compute_epsilon(2.0, 1.0, 10, 1e-7)
+    assert eps(2.0, 1.0, 10, 1e-3) < eps(2.0, 1.0, 10, 1e-7)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -122,31 +161,44 @@ def test_monotone_in_sigma_and_rounds():
         (0.5, 1e-6, 1, 1.0),
     ],
 )
-def test_calibration_round_trip(target, delta, rounds, q):
+@BOTH
+def test_calibration_round_trip(target, delta, rounds, q, accounting):
     tol = 1e-3
-    sigma = calibrate_noise_multiplier(target, delta, rounds, q, tol=tol)
+    sigma = calibrate_noise_multiplier(target, delta, rounds, q, tol=tol, accounting=accounting)
     assert sigma > 0
-    assert compute_epsilon(sigma, q, rounds, delta) <= target
+    assert compute_epsilon(sigma, q, rounds, delta, accounting=accounting) <= target
     # Smallest such sigma, up to tol: a slightly smaller one overspends.
-    assert compute_epsilon(sigma * (1 - 2 * tol), q, rounds, delta) > target
+    assert compute_epsilon(sigma * (1 - 2 * tol), q, rounds, delta, accounting=accounting) > target
+
+
+def test_calibration_default_is_pld_and_needs_less_noise_than_rdp():
+    pld = calibrate_noise_multiplier(1.0, 1e-5, 3, 0.1)
+    assert pld == calibrate_noise_multiplier(1.0, 1e-5, 3, 0.1, accounting="pld")
+    assert pld < calibrate_noise_multiplier(1.0, 1e-5, 3, 0.1, accounting="rdp")
 
 
 def test_calibration_agrees_with_reference_sigma():
-    # POPri's sigma 19.3 for epsilon ~1 over 20 full rounds at delta 3e-6.
-    sigma = calibrate_noise_multiplier(1.0, 3e-6, 20, 1.0)
+    # POPri's sigma 19.3 for epsilon ~1 over 20 full rounds at delta 3e-6 (an RDP figure).
+    sigma = calibrate_noise_multiplier(1.0, 3e-6, 20, 1.0, accounting="rdp")
     assert sigma == pytest.approx(19.3, rel=0.01)
 
 
-def test_calibration_infinite_epsilon_means_no_noise():
-    assert calibrate_noise_multiplier(math.inf, 1e-5, 10, 0.1) == 0.0
+@BOTH
+def test_calibration_infinite_epsilon_means_no_noise(accounting):
+    assert calibrate_noise_multiplier(math.inf, 1e-5, 10, 0.1, accounting=accounting) == 0.0
 
 
 # --------------------------------------------------------------------------- accountant
 
 
+@BOTH
 @pytest.mark.parametrize(("rounds", "q"), [(20, 1.0), (4, 0.2)])
-def test_accountant_spends_exactly_the_calibrated_rounds(rounds, q):
-    acc = PrivacyAccountant.calibrated(1.0, 1e-5, rounds, q)
+def test_accountant_spends_exactly_the_calibrated_rounds(rounds, q, accounting):
+    acc = PrivacyAccountant.calibrated(1.0, 1e-5, rounds, q, accounting=accounting)
+    assert acc.accounting == accounting
+    assert acc.noise_multiplier == calibrate_noise_multiplier(
+        1.0, 1e-5, rounds, q, accounting=accounting
+    )
     assert acc.rounds_spent == 0
     assert acc.epsilon_spent == 0.0
     assert acc.would_exceed(rounds + 1)
@@ -164,14 +216,70 @@ def test_accountant_spends_exactly_the_calibrated_rounds(rounds, q):
     assert acc.rounds_spent == rounds  # a refused round is not recorded
 
 
-def test_accountant_state_dict_round_trip():
-    acc = PrivacyAccountant(noise_multiplier=3.35, sample_rate=0.3, delta=3e-6, target_epsilon=7)
+def test_accountant_uses_its_accounting():
+    kwargs = dict(noise_multiplier=1.4126, sample_rate=0.1, delta=1e-5, target_epsilon=1.0)
+    pld, rdp = PrivacyAccountant(**kwargs), PrivacyAccountant(**kwargs, accounting="rdp")
+    assert pld.accounting == DEFAULT_ACCOUNTING == "pld"
+    for acc in (pld, rdp):
+        for t in (1, 3):
+            expected = compute_epsilon(1.4126, 0.1, t, 1e-5, accounting=acc.accounting)
+            assert acc.epsilon_after(t) == expected
+    # sigma 1.4126 is the PLD calibration of epsilon 1 over 3 rounds; by RDP a single round
+    # already spends 1.07.
+    assert not pld.would_exceed(3)
+    assert rdp.would_exceed(1)
+    with pytest.raises(PrivacyBudgetExceeded, match="RDP accounting"):
+        rdp.spend_round()
+    assert rdp.rounds_spent == 0
+    for _ in range(3):
+        pld.spend_round()
+    assert pld.epsilon_spent == compute_epsilon(1.4126, 0.1, 3, 1e-5, accounting="pld") <= 1.0
+
+
+@BOTH
+def test_accountant_state_dict_round_trip(accounting):
+    acc = PrivacyAccountant(
+        noise_multiplier=3.35, sample_rate=0.3, delta=3e-6, target_epsilon=7, accounting=accounting
+    )
     for _ in range(3):
         acc.spend_round()
-    restored = PrivacyAccountant.from_state_dict(json.loads(json.dumps(acc.state_dict())))
+    state = json.loads(json.dumps(acc.state_dict()))
+    assert state["accounting"] == accounting
+    restored = PrivacyAccountant.from_state_dict(state)
     assert restored == acc
+    assert restored.accounting == accounting
     assert restored.epsilon_spent == acc.epsilon_spent
     assert restored.epsilon_spent > 0
+
+
+def test_old_state_without_accounting_resumes_with_rdp():
+    acc = PrivacyAccountant(noise_multiplier=3.35, sample_rate=0.3, delta=3e-6, target_epsilon=7)
+    acc.spend_round()
+    old = {k: v for k, v in acc.state_dict().items() if k != "accounting"}
+    restored = PrivacyAccountant.from_state_dict(old)
+    assert restored.accounting == "rdp"
+    assert restored.rounds_spent == 1
+    assert restored.epsilon_spent == compute_epsilon(3.35, 0.3, 1, 3e-6, accounting="rdp")
+
+
+@pytest.mark.parametrize("bad", ["x", "PLD", "gdp", ""])
+def test_bad_accounting_names_key(bad):
+    msg = rf"^privacy.accounting: expected one of \['pld', 'rdp'\], got {bad!r}$"
+    with pytest.raises(ValueError, match=msg):
+        PrivacyAccountant(
+            noise_multiplier=1.0, sample_rate=1.0, delta=1e-5, target_epsilon=1.0, accounting=bad
+        )
+    with pytest.raises(ValueError, match=msg):
+        compute_epsilon(1.0, 1.0, 5, 1e-5, accounting=bad)
+    with pytest.raises(ValueError, match=msg):
+        calibrate_noise_multiplier(1.0, 1e-5, 5, 1.0, accounting=bad)
+    with pytest.raises(ValueError, match=msg):
+        PrivacyAccountant.calibrated(1.0, 1e-5, 5, 1.0, accounting=bad)
+    state = PrivacyAccountant(
+        noise_multiplier=1.0, sample_rate=1.0, delta=1e-5, target_epsilon=1.0
+    ).state_dict()
+    with pytest.raises(ValueError, match=msg):
+        PrivacyAccountant.from_state_dict({**state, "accounting": bad})
 
 
 def test_accountant_without_privacy():
@@ -262,49 +370,6 @@ def test_compute_epsilon_bad_input_names_key(args, key):
         compute_epsilon(*args)
 
 
-# --------------------------------------------------------------------------- noise
-
-
-def test_noise_std_is_sigma_times_clip():
-    assert noise_std(2.5, 0.4) == pytest.approx(1.0)
-    assert noise_std(0.0, 3.0) == 0.0
-    with pytest.raises(ValueError, match="^privacy.clip_norm: "):
-        noise_std(1.0, 0.0)
-    with pytest.raises(ValueError, match="^privacy.noise_multiplier: "):
-        noise_std(-1.0, 1.0)
-
-
-def test_gaussian_noise_statistics():
-    std = 3.7
-    x = gaussian_noise(200_000, std, np.random.default_rng(0))
-    assert x.shape == (200_000,)
-    assert x.std() == pytest.approx(std, rel=0.01)
-    assert abs(x.mean()) < 5 * std / math.sqrt(x.size)
-
-
-def test_gaussian_noise_reproducible_and_uses_given_rng():
-    np.random.seed(123)
-    global_state = np.random.get_state()[1].copy()
-    a = gaussian_noise((4, 5), 1.0, np.random.default_rng(7))
-    b = gaussian_noise((4, 5), 1.0, np.random.default_rng(7))
-    c = gaussian_noise((4, 5), 1.0, np.random.default_rng(8))
-    assert a.shape == (4, 5)
-    np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, c)
-    np.testing.assert_array_equal(np.random.get_state()[1], global_state)
-
-
-def test_gaussian_noise_zero_std():
-    rng = np.random.default_rng(0)
-    z = gaussian_noise((3, 2), 0.0, rng)
-    assert z.shape == (3, 2)
-    assert not z.any()
-    # Nothing was drawn: the generator continues exactly like a fresh one.
-    assert rng.normal() == np.random.default_rng(0).normal()
-    with pytest.raises(ValueError):
-        gaussian_noise(3, -1.0, rng)
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -315,36 +380,97 @@ def _value_after(label: str, text: str) -> float:
     raise AssertionError(f"{label!r} not in output:\n{text}")
 
 
-def test_cli_epsilon_prints_reference_value(capsys):
-    rc = cli_main(
-        ["epsilon", "--noise-multiplier", "19.3", "--sample-rate", "1", "--rounds", "20",
-         "--delta", "3e-6"]
-    )  # fmt: skip
-    assert rc == 0
+def _row(method: str, text: str) -> list[str]:
+    """Cells of the side-by-side table row of ``method``."""
+    for line in text.splitlines():
+        cells = line.split()
+        if cells and cells[0] == method:
+            return cells
+    raise AssertionError(f"no {method!r} row in output:\n{text}")
+
+
+EPS_ARGV = ["epsilon", "--noise-multiplier", "19.3", "--sample-rate", "1", "--rounds", "20",
+            "--delta", "3e-6"]  # fmt: skip
+SIGMA_ARGV = ["sigma", "--epsilon", "1", "--sample-rate", "0.1", "--rounds", "3",
+              "--delta", "1e-5"]  # fmt: skip
+
+
+def test_cli_epsilon_shows_both_accountants(capsys):
+    assert cli_main(EPS_ARGV) == 0
     out = capsys.readouterr().out
-    assert _value_after("epsilon:", out) == pytest.approx(0.997, rel=5e-3)
+    pld = compute_epsilon(19.3, 1.0, 20, 3e-6, accounting="pld")
+    rdp = compute_epsilon(19.3, 1.0, 20, 3e-6, accounting="rdp")
+    assert _value_after("epsilon:", out) == pytest.approx(pld, rel=1e-5)
+    assert "(PLD)" in out.splitlines()[0]
+    assert float(_row("pld", out)[1]) == pytest.approx(pld, rel=1e-5)
+    assert float(_row("rdp", out)[1]) == pytest.approx(0.997, rel=5e-3)
+    assert float(_row("rdp", out)[1]) == pytest.approx(rdp, rel=1e-5)
+    assert "default" in " ".join(_row("pld", out)[2:])
+    assert "default" not in " ".join(_row("rdp", out)[2:])
+
+    assert cli_main([*EPS_ARGV, "--accounting", "rdp"]) == 0
+    out = capsys.readouterr().out
+    assert _value_after("epsilon:", out) == pytest.approx(rdp, rel=1e-5)
+    assert "(RDP)" in out.splitlines()[0]
+    assert "selected" in " ".join(_row("rdp", out)[2:])
+    assert "default" in " ".join(_row("pld", out)[2:])
+
+    assert cli_main([*EPS_ARGV, "--json", "--accounting", "rdp"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["epsilon"] == result["epsilon_rdp"] == rdp
+    assert result["epsilon_pld"] == pld
+    assert result["accounting"] == "rdp"
+    assert result["default_accounting"] == "pld"
 
 
 def test_cli_sigma_text_and_json(capsys):
-    argv = ["sigma", "--epsilon", "1", "--sample-rate", "0.1", "--rounds", "5", "--delta", "1e-5"]
-    assert cli_main(argv) == 0
+    assert cli_main(SIGMA_ARGV) == 0
     out = capsys.readouterr().out
     sigma = _value_after("noise_multiplier:", out)
     eps = _value_after("epsilon:", out)
     assert eps <= 1.0
-    assert compute_epsilon(sigma, 0.1, 5, 1e-5) == pytest.approx(eps, rel=1e-4)
+    assert compute_epsilon(sigma, 0.1, 3, 1e-5, accounting="pld") == pytest.approx(eps, rel=1e-4)
+    assert sigma == pytest.approx(1.41, abs=0.01)  # spec: PLD, the default
+    pld_row, rdp_row = _row("pld", out), _row("rdp", out)
+    assert float(pld_row[1]) == pytest.approx(sigma, rel=1e-5)
+    assert float(rdp_row[1]) == pytest.approx(1.61, abs=0.01)  # spec: RDP
+    assert float(rdp_row[2]) <= 1.0
+    assert "default" in " ".join(pld_row[3:])
 
-    assert cli_main([*argv, "--json"]) == 0
+    assert cli_main([*SIGMA_ARGV, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["noise_multiplier"] == result["noise_multiplier_pld"]
     assert result["noise_multiplier"] == pytest.approx(sigma, rel=1e-5)
     assert result["epsilon"] <= result["target_epsilon"] == 1.0
-    assert compute_epsilon(result["noise_multiplier"], 0.1, 5, 1e-5) == result["epsilon"]
+    assert result["epsilon_rdp"] <= 1.0
+    assert result["noise_multiplier_rdp"] > result["noise_multiplier_pld"]
+    assert compute_epsilon(result["noise_multiplier"], 0.1, 3, 1e-5) == result["epsilon"]
+
+    assert cli_main([*SIGMA_ARGV, "--json", "--accounting", "rdp"]) == 0
+    rdp = json.loads(capsys.readouterr().out)
+    assert rdp["accounting"] == "rdp"
+    assert rdp["noise_multiplier"] == rdp["noise_multiplier_rdp"] == result["noise_multiplier_rdp"]
+    assert rdp["noise_multiplier"] == calibrate_noise_multiplier(
+        1.0, 1e-5, 3, 0.1, accounting="rdp"
+    )
+
+
+def test_cli_help_mentions_both_accountants(capsys):
+    for argv in (["--help"], ["epsilon", "--help"], ["sigma", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args(argv)
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert "PLD" in out and "RDP" in out
+    assert "--accounting {pld,rdp}" in out
+    assert "default: pld" in out
 
 
 def test_cli_json_infinite(capsys):
     argv = ["epsilon", "--noise-multiplier", "0", "--sample-rate", "1", "--rounds", "3"]
     assert cli_main([*argv, "--delta", "1e-5", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["epsilon"] == "inf"
+    result = json.loads(capsys.readouterr().out)
+    assert result["epsilon"] == result["epsilon_pld"] == result["epsilon_rdp"] == "inf"
 
 
 @pytest.mark.parametrize(
@@ -359,6 +485,8 @@ def test_cli_json_infinite(capsys):
         (["sigma", "--epsilon", "1", "--sample-rate", "1", "--rounds", "2", "--delta", "2"],
          "privacy.delta"),
         (["sigma", "--epsilon", "1", "--sample-rate", "1", "--rounds", "2"], "--delta"),
+        (["sigma", "--epsilon", "1", "--sample-rate", "1", "--rounds", "2", "--delta", "1e-5",
+          "--accounting", "gdp"], "--accounting"),
     ],
 )  # fmt: skip
 def test_cli_bad_values_exit_2(argv, needle, capsys):
@@ -379,7 +507,9 @@ def test_cli_runs_as_module():
         capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["epsilon"] == pytest.approx(6.96, rel=5e-3)
+    result = json.loads(proc.stdout)
+    assert result["epsilon_rdp"] == pytest.approx(6.96, rel=5e-3)
+    assert result["epsilon"] == result["epsilon_pld"] < result["epsilon_rdp"]
 
     bad = subprocess.run(
         [sys.executable, "-m", "popri_flwr.cli.privacy", "sigma", "--epsilon", "1",
