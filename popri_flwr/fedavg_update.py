@@ -34,9 +34,6 @@ logger = logging.getLogger(__name__)
 TRAIN_MODES = ("full", "lora")
 OPTIMIZERS = ("sgd", "adamw")
 
-#: Relative margin below C, so the float32 cast cannot round the norm above the bound.
-_NORM_MARGIN = 1e-6
-
 
 # --------------------------------------------------------------------------- config
 @dataclass
@@ -279,36 +276,6 @@ def frozen_fingerprint(model: torch.nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- the client
-def clip_to_norm(vector: np.ndarray, clip_norm: float) -> np.ndarray:
-    """Scale ``vector`` by ``min(1, C / ||vector||_2)``; float32 with norm <= C guaranteed.
-
-    The norm is computed in float64; if the float32 cast rounds the norm above C, the vector
-    is shrunk by a relative 1e-6 (a zero vector stays zero).
-
-    Parameters
-    ----------
-    vector
-        Any 1-D array (the client's model update).
-    clip_norm
-        C > 0.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 vector with ``||out||_2 <= C``; equal to ``vector`` if it was already inside.
-    """
-    if not (clip_norm > 0 and math.isfinite(clip_norm)):
-        raise ValueError(f"privacy.clip_norm: must be a finite number > 0, got {clip_norm!r}")
-    v64 = np.asarray(vector, dtype=np.float64)
-    if not np.all(np.isfinite(v64)):
-        raise ValueError("update: non-finite values (NaN or inf); local training diverged")
-    norm = float(np.linalg.norm(v64))
-    out = (v64 * min(1.0, clip_norm / norm) if norm > 0 else v64).astype(np.float32)
-    if float(np.linalg.norm(out.astype(np.float64))) > clip_norm:
-        out = (out.astype(np.float64) * (1.0 - _NORM_MARGIN)).astype(np.float32)
-    return out
-
-
 def local_steps_for(num_texts: int, batch_size: int, steps: int, epochs: float | None) -> int:
     """Number of local steps: ``steps``, or ``ceil(epochs * texts / batch)`` if ``epochs``."""
     if epochs is None:

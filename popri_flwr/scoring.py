@@ -14,6 +14,8 @@ import logging
 
 import numpy as np
 
+from popri_flwr.clipping import clip_to_norm
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,16 +59,6 @@ def standardize(scores: np.ndarray) -> np.ndarray:
     return (scores - scores.mean()) / std
 
 
-def clip_l2(vector: np.ndarray, clip_norm: float) -> np.ndarray:
-    """Scale ``vector`` down so that ``||v||_2 <= clip_norm`` (unchanged if already inside)."""
-    if clip_norm <= 0:
-        raise ValueError(f"privacy.clip_norm: must be > 0, got {clip_norm}")
-    norm = float(np.linalg.norm(vector))
-    if norm <= clip_norm:
-        return vector
-    return vector * (clip_norm / norm)
-
-
 def client_score_vector(
     sample_emb: np.ndarray, private_emb: np.ndarray, clip_norm: float = 1.0
 ) -> np.ndarray:
@@ -77,6 +69,4 @@ def client_score_vector(
     np.ndarray
         ``(n,)`` float32 vector with L2 norm <= ``clip_norm``; zeros for an empty client.
     """
-    # Clip a hair inside C so the float32 cast cannot round the norm above the bound.
-    vec = clip_l2(standardize(similarity_scores(sample_emb, private_emb)), clip_norm * (1 - 1e-6))
-    return vec.astype(np.float32)
+    return clip_to_norm(standardize(similarity_scores(sample_emb, private_emb)), clip_norm)

@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from popri_flwr.clipping import clip_to_norm
 
-#: Relative margin below C, so the float32 cast cannot round the norm above the bound.
-_NORM_MARGIN = 1e-6
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -193,7 +192,7 @@ def client_vote_vector(
     norm = float(np.linalg.norm(counts))
     if norm < 1e-12:
         return np.zeros(len(counts), dtype=np.float32)
-    return (counts * (clip_norm * (1 - _NORM_MARGIN) / norm)).astype(np.float32)
+    return clip_to_norm(counts * (clip_norm / norm), clip_norm)
 
 
 def select_top(votes: np.ndarray, keep: int) -> np.ndarray:

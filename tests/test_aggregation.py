@@ -1,14 +1,15 @@
 import numpy as np
 import pytest
 
-from popri_flwr.aggregation import check_vector, noisy_sum
+from popri_flwr.aggregation import GRID_BITS, check_vector, noisy_sum
 
 
 @pytest.mark.parametrize(
     "vector, reason",
     [
         (np.zeros(4, dtype=np.float32), None),
-        (np.array([0.6, 0.8, 0, 0], dtype=np.float32), None),  # exactly on the bound
+        (np.array([0.5, 0.5, 0.5, 0.5], dtype=np.float32), None),  # exactly on the bound
+        (np.array([0.6, 0.8, 0, 0], dtype=np.float32), "exceeds the clip bound"),  # 1 + 3e-8
         (np.zeros(5, dtype=np.float32), "wrong shape"),
         (np.zeros((2, 2), dtype=np.float32), "wrong shape"),
         (np.array([np.nan, 0, 0, 0], dtype=np.float32), "non-finite"),
@@ -47,4 +48,12 @@ def test_one_client_moves_the_sum_by_at_most_the_clip_norm():
             continue  # the server would drop it: it cannot contribute at all
         with_client = noisy_sum([*others, extra], 30, 0.0, rng)
         without = noisy_sum(others, 30, 0.0, rng)
-        assert np.linalg.norm(with_client - without) <= c * (1 + 1e-5)
+        assert np.linalg.norm(with_client - without) <= c * (1 + 1e-12)
+
+
+def test_the_release_is_rounded_to_the_noise_grid():
+    """Post-processing against floating-point attacks: low-order bits are zeroed."""
+    out = noisy_sum([np.full(1000, 0.1234567)], 1000, 1.5, np.random.default_rng(0))
+    step = 2.0 ** (np.floor(np.log2(1.5)) - GRID_BITS)
+    assert np.array_equal(out, np.round(out / step) * step)
+    assert len(np.unique(out)) > 990  # still a continuous-looking release, not collapsed

@@ -18,13 +18,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.supercore.differential_privacy import clip_inputs_inplace
 
 from popri_flwr.client_apps.local_training import train_update
+from popri_flwr.clipping import clip_to_norm
 from popri_flwr.config import ConfigError
 from popri_flwr.data import load_federation
+from popri_flwr.diagnostics import read_diagnostics
 from popri_flwr.downstream import load_tokenizer
 from popri_flwr.fedavg_update import (
     FedAvgConfig,
     build_fedavg_model,
-    clip_to_norm,
     expected_clients,
     flatten_params,
     frozen_fingerprint,
@@ -294,9 +295,12 @@ def test_rounds_with_real_clients_resume_and_evaluate(tmp_path, cfg, federation)
     s1.start(grid=grid, num_rounds=1)
     d = w0.size
     (rec,) = RunDirectory(run).read_rounds()
-    assert rec["clients_accepted"] == rec["clients_sampled"] >= 1 and rec["clients_rejected"] == 0
-    assert rec["bytes_down"] >= 4 * d and rec["bytes_up"] >= 4 * d
-    assert 0 <= rec["accuracy"] <= 1 and rec["eval_tokens"] > 0
+    (diag,) = [r for r in read_diagnostics(run) if "round" in r]
+    assert diag["clients_accepted"] == diag["clients_sampled"] >= 1
+    assert diag["clients_rejected"] == 0
+    assert rec["bytes_down"] >= 4 * d and diag["bytes_up"] >= 4 * d
+    assert 0 <= diag["accuracy"] <= 1 and diag["eval_tokens"] > 0
+    assert "accuracy" not in rec  # accuracy on held-out private text is a diagnostic
     assert rec["update_norm"] > 0
     # Resume: a new strategy on the same directory starts from round 1's model.
     s2 = build_strategy(load_config([*overrides, "rounds=2"]), federation)
@@ -304,17 +308,18 @@ def test_rounds_with_real_clients_resume_and_evaluate(tmp_path, cfg, federation)
     rounds = RunDirectory(run).read_rounds()
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[1]["epsilon_spent"] == pytest.approx(compute_epsilon(2.0, 0.5, 2, 1e-5))
+    diags = [r for r in read_diagnostics(run) if "round" in r]
     assert not np.array_equal(s2.global_vector, w0)
     assert sorted(p.name for p in (run / "checkpoint").glob("global_round_*.npz")) == [
         "global_round_001.npz",
         "global_round_002.npz",
     ]
     assert not (run / "checkpoint" / "release_round_001.npy").exists()  # folded into the model
-    # The exported model and the run-dir evaluation agree with the round log.
-    summary = json.loads((run / "downstream.json").read_text())
-    assert summary["final_top1"] == pytest.approx(rounds[1]["accuracy"])
+    # The exported model and the run-dir evaluation agree with the round diagnostics.
+    summary = [r["final_model"] for r in read_diagnostics(run) if "final_model" in r][-1]
+    assert summary["final_top1"] == pytest.approx(diags[1]["accuracy"])
     ev = evaluate_run_dir(run, s2.eval_texts)
-    assert ev["model_round"] == 2 and ev["accuracy"] == pytest.approx(rounds[1]["accuracy"])
+    assert ev["model_round"] == 2 and ev["accuracy"] == pytest.approx(diags[1]["accuracy"])
     assert (run / "final_model" / "config.json").exists()
 
 
@@ -326,8 +331,9 @@ def test_lora_round_sends_only_the_adapter(tmp_path, cfg, federation):
     )
     w0 = s.global_vector.copy()
     s.start(grid=FakeGrid(_real_clients(cfg, 6)), num_rounds=1)
-    (rec,) = RunDirectory(run).read_rounds()
+    (rec,) = [r for r in read_diagnostics(run) if "round" in r]
     assert rec["clients_accepted"] == rec["clients_sampled"] >= 1
+    (rec,) = RunDirectory(run).read_rounds()
     assert rec["num_params"] == w0.size < 20_000
     assert 4 * w0.size <= rec["bytes_down"] < 8 * w0.size + 4096  # adapter + config only
     assert not np.array_equal(s.global_vector, w0)
@@ -357,7 +363,9 @@ def test_end_to_end_flower_simulation(tmp_path):
         ]
     )
     run_simulation(cfg)
-    rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    released = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    diags = [r for r in read_diagnostics(run) if "round" in r]
+    rounds = [{**d, **r} for d, r in zip(diags, released, strict=True)]
     assert [r["round"] for r in rounds] == [1, 2]
     for k, r in enumerate(rounds, start=1):
         assert r["epsilon_spent"] == pytest.approx(compute_epsilon(2.0, 0.5, k, 1e-5))
@@ -367,4 +375,5 @@ def test_end_to_end_flower_simulation(tmp_path):
         assert r["bytes_down"] >= 4 * r["num_params"]
         assert 0 <= r["accuracy"] <= 1 and math.isfinite(r["eval_loss"])
     assert (run / "final_model" / "config.json").exists()
-    assert json.loads((run / "downstream.json").read_text())["round"] == 2
+    final = [r["final_model"] for r in read_diagnostics(run) if "final_model" in r]
+    assert final[-1]["round"] == 2

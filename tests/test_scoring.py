@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from popri_flwr.scoring import client_score_vector, clip_l2, similarity_scores, standardize
+from popri_flwr.scoring import client_score_vector, similarity_scores, standardize
 
 
 def _unit(rng, n, d):
@@ -41,13 +41,6 @@ def test_constant_scores_and_empty_client_give_zero_vector():
     assert not np.any(client_score_vector(e, np.array([[0.0, 1.0]]), 1.0))
     assert not np.any(client_score_vector(e, np.zeros((0, 2)), 1.0))
     assert not np.any(standardize(np.full(4, 3.0)))
-
-
-def test_clip_leaves_small_vectors_alone_and_rejects_bad_bound():
-    v = np.array([0.3, 0.4])
-    assert clip_l2(v, 1.0) is v
-    with pytest.raises(ValueError, match="privacy.clip_norm"):
-        clip_l2(v, 0.0)
 
 
 def test_dimension_mismatch_is_named():
