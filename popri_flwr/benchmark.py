@@ -310,18 +310,26 @@ def _run_config(run_dir: Path) -> RunConfig:
 
 
 def run_costs(run_dir: Path) -> dict[str, float]:
-    """Epsilon spent and mean per-client-per-round costs from a run's ``rounds.jsonl``."""
+    """Epsilon spent and mean per-client-per-round costs of a run.
+
+    Epsilon and the download size come from the release (``rounds.jsonl``); the upload size
+    and client seconds from the run's diagnostics (the benchmark runs with diagnostics on).
+    """
+    from popri_flwr.diagnostics import read_diagnostics
     from popri_flwr.run_dir import RunDirectory
 
-    rounds = RunDirectory(run_dir).read_rounds()
-    if not rounds:
+    released = RunDirectory(run_dir).read_rounds()
+    if not released:
         raise RuntimeError(f"{run_dir}/rounds.jsonl: no finished round")
+    diag = {r["round"]: r for r in read_diagnostics(run_dir) if "round" in r}
+    rounds = [{**diag.get(r["round"], {}), **r} for r in released]
 
     def mean(key: str) -> float:
         vals = [float(r[key]) for r in rounds if r.get(key) is not None]
         return float(np.mean(vals)) if vals else float("nan")
 
     return {
+        "differentially_private": all(r.get("differentially_private", True) for r in released),
         "epsilon_spent": float(rounds[-1]["epsilon_spent"]),
         "bytes_down_per_client_round": mean("bytes_down"),
         "bytes_up_per_client_round": mean("bytes_up"),
@@ -343,6 +351,7 @@ def run_private(
         *bc.method_overrides.get(method, []),
         f"privacy.epsilon={'.inf' if math.isinf(epsilon) else epsilon}",
         "evaluation.report_client_seconds=true",
+        "diagnostics=true",
         f"run_dir={run_dir}",
     ]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
@@ -391,7 +400,7 @@ def run_row(
     path = bc.out / "rows" / f"{row_key(method, epsilon)}.json"
     if bc.resume and path.exists():
         row = json.loads(path.read_text())
-        if row.get("status") == "ok" and row.get("settings") == bc.settings_hash():
+        if str(row.get("status")).startswith("ok") and row.get("settings") == bc.settings_hash():
             logger.info("%s: done earlier (%s)", row_key(method, epsilon), path)
             return row
         if row.get("status") == "ok":
@@ -403,6 +412,10 @@ def run_row(
         if evaluator is None:
             raise RuntimeError("the evaluation set-up failed (see the log above)")
         row = {**evaluate_row(bc, method, epsilon, evaluator), "status": "ok"}
+        private = row.pop("differentially_private", True)
+        if not private and epsilon is not None and math.isfinite(epsilon):
+            # Seeded debug noise: the epsilon column means nothing for this row.
+            row["status"] = "ok (NOT differentially private: debug_noise_seed)"
     except Exception as err:  # noqa: BLE001 - one failed method must not hide the others
         logger.exception("%s failed", row_key(method, epsilon))
         row = {"method": method, "epsilon": epsilon, "status": f"failed: {err}".splitlines()[0]}

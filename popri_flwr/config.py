@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 class PrivacyConfig:
     """Client-level (epsilon, delta)-DP over the whole run.
 
-    ``epsilon = inf`` turns noise off and must be asked for explicitly. With
+    ``epsilon = inf`` (also written ``.inf``) turns noise off and must be asked for
+    explicitly; a number that overflows to infinity (``1e999``) is refused. With
     ``noise_multiplier`` unset, sigma is calibrated so that ``rounds`` rounds of the Poisson
     subsampled Gaussian mechanism at rate ``sample_rate`` spend at most ``epsilon``.
     """
@@ -38,6 +39,11 @@ class PrivacyConfig:
     sample_rate: float = 0.1
     clip_norm: float = 1.0
     noise_multiplier: float | None = None
+    #: ``pld`` (privacy loss distributions: tighter, the default) or ``rdp`` (Renyi DP).
+    accounting: str = "pld"
+    #: Debugging only: seed client sampling and noise so a run can be replayed. Such a run is
+    #: NOT differentially private (marked so everywhere) and is refused by the Flower app.
+    debug_noise_seed: int | None = None
 
 
 @dataclass
@@ -125,6 +131,9 @@ class RunConfig:
     rounds: int = 3
     run_dir: str | None = None
     resume: bool = True
+    #: Keep un-noised statistics of the clients in ``diagnostics.jsonl`` (not released).
+    #: null: on in simulation (popri-run), off under the Flower app (flwr run, deployments).
+    diagnostics: bool | None = None
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -171,14 +180,43 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 raise ValueError
             return int(value)
         if hint is float:
-            return float(value)
+            return _to_float(value, key)
         if hint is str:
             return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(
             f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}"
         ) from None
     return value
+
+
+#: Spellings of infinity accepted in configs and on the command line (YAML writes ``.inf``).
+INF_SPELLINGS = {"inf", ".inf", "+inf", "+.inf", "infinity", "+infinity"}
+
+
+def _to_float(value: Any, key: str) -> float:
+    """A float from a number or a string; ``inf``/``.inf`` mean infinity, ``1e999`` is refused.
+
+    An infinite epsilon switches privacy off, so it must be written as infinity on purpose,
+    never reached by a number that overflows.
+    """
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in INF_SPELLINGS:
+            return math.inf
+        if text in {"-" + t.lstrip("+") for t in INF_SPELLINGS}:
+            return -math.inf
+        out = float(text)
+        if math.isinf(out):
+            raise ConfigError(
+                f"{key}: {value!r} overflows to infinity; write inf (or .inf) if you mean it"
+            )
+        return out
+    return float(value)
 
 
 def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -231,7 +269,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     check(0 < p.delta < 1, "privacy.delta", "must be in (0, 1)", p.delta)
     check(0 < p.sample_rate <= 1, "privacy.sample_rate", "must be in (0, 1]", p.sample_rate)
-    check(p.clip_norm > 0, "privacy.clip_norm", "must be > 0", p.clip_norm)
+    check(
+        p.clip_norm > 0 and math.isfinite(p.clip_norm),
+        "privacy.clip_norm",
+        "must be a finite number > 0",
+        p.clip_norm,
+    )
+    check(
+        p.accounting in ("pld", "rdp"),
+        "privacy.accounting",
+        "expected one of ['pld', 'rdp']",
+        p.accounting,
+    )
     if p.noise_multiplier is not None:
         check(
             p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0", p.noise_multiplier

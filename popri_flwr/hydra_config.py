@@ -8,6 +8,7 @@ The tree lives in ``configs/`` at the repository root; ``$POPRI_CONFIG_DIR`` poi
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import time
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from popri_flwr.config import ConfigError, RunConfig, load_run_config
+from popri_flwr.config import INF_SPELLINGS, ConfigError, RunConfig, load_run_config
 
 
 def config_dir() -> Path:
@@ -25,6 +26,31 @@ def config_dir() -> Path:
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"POPRI_CONFIG_DIR: no config.yaml in {path}")
     return path
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuse ``key=NUMBER`` overrides whose number overflows to infinity (``1e999``).
+
+    Hydra parses ``1e999`` as ``inf`` before the config sees it, and an infinite epsilon means
+    no privacy: infinity must be written as such (``inf`` or ``.inf``).
+    """
+    for override in overrides:
+        if "=" not in override or override.startswith(("-", "hydra.")):
+            continue
+        key, value = override.split("=", 1)
+        for item in value.strip("[]").split(","):
+            text = item.strip().strip("'\"").lower()
+            if text in INF_SPELLINGS or text.lstrip("-") in INF_SPELLINGS:
+                continue
+            try:
+                number = float(text)
+            except ValueError:
+                continue
+            if math.isinf(number):
+                raise ConfigError(
+                    f"{key.lstrip('+~')}: {item.strip()!r} overflows to infinity; write inf "
+                    "(or .inf) if you mean no privacy"
+                )
 
 
 def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -38,6 +64,7 @@ def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     if not OmegaConf.has_resolver("popri_or"):
         OmegaConf.register_new_resolver("popri_or", lambda a, b: b if a in (None, "") else a)
+    check_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

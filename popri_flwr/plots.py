@@ -28,6 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from popri_flwr.diagnostics import read_diagnostics
+
 logger = logging.getLogger(__name__)
 
 #: Reference rows of the benchmark, drawn as horizontal lines.
@@ -43,7 +45,9 @@ def read_rounds(run_dir: str | Path) -> pd.DataFrame:
     """A run's ``rounds.jsonl`` as a DataFrame, one row per finished round.
 
     Nested records are flattened with dots (``seconds.total``). A torn last line (a crash
-    while appending) is skipped, as the run itself does.
+    while appending) is skipped, as the run itself does. The run's diagnostics (FID, client
+    counts, client-phase seconds; ``diagnostics.jsonl``, not part of the release), if any, are
+    joined on the round; a key in both keeps the released value.
 
     Raises
     ------
@@ -66,10 +70,21 @@ def read_rounds(run_dir: str | Path) -> pd.DataFrame:
         if not isinstance(record, dict):
             raise ValueError(f"{path}: line {number} is not a JSON object")
         records.append(record)
+    diagnostics = {int(r["round"]): r for r in read_diagnostics(run_dir) if "round" in r}
+    records = [_with_diagnostics(r, diagnostics.get(r.get("round"))) for r in records]
     frame = pd.json_normalize(records) if records else pd.DataFrame({"round": []})
     if "round" not in frame:
         raise ValueError(f"{path}: records have no 'round' key")
     return frame.sort_values("round", kind="stable").reset_index(drop=True)
+
+
+def _with_diagnostics(record: dict, diag: dict | None) -> dict:
+    if not diag:
+        return record
+    out = {**diag, **record}
+    if isinstance(diag.get("seconds"), dict):
+        out["seconds"] = {**diag["seconds"], **record.get("seconds", {})}
+    return out
 
 
 def read_results(csv_path: str | Path) -> pd.DataFrame:

@@ -9,11 +9,16 @@ Layout::
       public_set.jsonl       the public initial set
       samples/round_001.jsonl  samples of round 1 with their noisy scores
       checkpoint/            strategy state (e.g. LoRA adapter and optimizer)
+      diagnostics.jsonl      un-noised statistics, NOT part of the release (when enabled)
+      diagnostics.log        the run's log (Hydra entry point)
 
 Resume rules: a round's noisy aggregate is written to disk *before* the accountant state that
 counts it, and both before any work that uses it. A run restarted on the same directory
 continues after the last finished round; a round whose aggregate was already released is
 finished from the saved aggregate, so no client is asked twice and no budget is spent twice.
+A directory holding a release that ``state.json`` does not account for is refused, and once
+anything is released the config keys that define the spend are locked (checked before
+``config.yaml`` is written again).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,9 @@ RESUME_LOCKED_KEYS = (
     "generation.model",
     "embedder.model",
 )
+
+#: Accountant settings that must match when a run resumes.
+MECHANISM_KEYS = ("noise_multiplier", "sample_rate", "delta", "accounting")
 
 
 def _json_default(obj: Any) -> Any:
@@ -109,24 +118,115 @@ class RunDirectory:
     def samples_path(self, server_round: int) -> Path:
         return self.path / "samples" / f"round_{server_round:03d}.jsonl"
 
-    # --- config --------------------------------------------------------------------------
-    def write_config(self, config: Mapping[str, Any], resume: bool) -> None:
-        """Save the resolved config; on resume refuse changes to keys that define the run."""
-        path = self.path / "config.yaml"
-        if path.exists() and self.finished_rounds() > 0:
-            if not resume:
+    # --- config and resume guard ---------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    def releases_on_disk(self) -> int:
+        """The last round whose noisy aggregate is on disk (a saved release or scored samples).
+
+        0 when nothing has been released. Scored samples are rows with a ``noisy_score`` or
+        ``noisy_votes``; a release file is ``checkpoint/release_round_NNN.npy``.
+        """
+        last = 0
+        for path in self.checkpoint_dir.glob("release_round_*.npy"):
+            m = re.fullmatch(r"release_round_(\d+)\.npy", path.name)
+            if m:
+                last = max(last, int(m.group(1)))
+        for path in (self.path / "samples").glob("round_*.jsonl"):
+            m = re.fullmatch(r"round_(\d+)\.jsonl", path.name)
+            if m and int(m.group(1)) > last and _first_row_is_scored(path):
+                last = int(m.group(1))
+        return last
+
+    def accounted_round(self) -> int:
+        """The last round that ``state.json`` accounts for (released or finished)."""
+        state = self.load_state() or {}
+        return max(int(state.get("released_round", 0)), int(state.get("finished_round", 0)))
+
+    def has_released(self) -> bool:
+        """Whether anything computed from client data has been released (or accounted)."""
+        return self.releases_on_disk() > 0 or self.accounted_round() > 0
+
+    def check_accounted(self) -> None:
+        """Refuse a run directory holding releases that ``state.json`` does not account for.
+
+        Starting anyway would ask clients again and spend the budget again (e.g. after
+        ``state.json`` was lost or replaced by an older copy).
+
+        Raises
+        ------
+        ConfigError
+            Naming the file and what to do.
+        """
+        on_disk, accounted = self.releases_on_disk(), self.accounted_round()
+        if on_disk > accounted:
+            what = (
+                "no state.json"
+                if not self.state_path.exists()
+                else (f"state.json accounts for round {accounted} only")
+            )
+            raise ConfigError(
+                f"run_dir: {self.path} holds the noisy release of round {on_disk} but {what}; "
+                "refusing to query clients and spend the privacy budget again (restore "
+                "state.json or start a new run_dir)"
+            )
+
+    def check_resume(
+        self,
+        config: Mapping[str, Any],
+        resume: bool,
+        accountant_state: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Accept or refuse a (re)start on this directory; writes nothing.
+
+        Once anything has been released, the keys that define what was spent
+        (:data:`RESUME_LOCKED_KEYS`) and the mechanism (noise multiplier, sampling rate,
+        delta, accounting) must be those of the run being resumed.
+
+        Raises
+        ------
+        ConfigError
+            Naming the first key that differs, or why the directory cannot be resumed.
+        """
+        self.check_accounted()
+        if not self.has_released():
+            return
+        if not resume:
+            raise ConfigError(
+                f"run_dir: {self.path} already holds a run that released data; "
+                "set resume=true to continue it or choose another run_dir"
+            )
+        if not self.config_path.exists():
+            raise ConfigError(
+                f"run_dir: {self.config_path} is missing but the run has released data; "
+                "cannot check that the resumed config spends the same way"
+            )
+        old = yaml.safe_load(self.config_path.read_text()) or {}
+        for key in RESUME_LOCKED_KEYS:
+            if _get(old, key) != _get(config, key):
                 raise ConfigError(
-                    f"run_dir: {self.path} already holds a run with finished rounds; "
-                    "set resume=true to continue it or choose another run_dir"
+                    f"{key}: differs from the run being resumed in {self.config_path} "
+                    f"(was {_get(old, key)!r}, now {_get(config, key)!r})"
                 )
-            old = yaml.safe_load(path.read_text()) or {}
-            for key in RESUME_LOCKED_KEYS:
-                if _get(old, key) != _get(config, key):
+        spent = (self.load_state() or {}).get("accountant")
+        if spent and accountant_state:
+            for key in MECHANISM_KEYS:
+                # States written before PLD existed were accounted with RDP.
+                was = spent.get(key, "rdp") if key == "accounting" else spent.get(key)
+                now = accountant_state.get(key)
+                if _normalise(was) != _normalise(now):
                     raise ConfigError(
-                        f"{key}: differs from the run being resumed in {path} "
-                        f"(was {_get(old, key)!r}, now {_get(config, key)!r})"
+                        f"privacy: the run being resumed used {key}={was!r}, now {now!r} "
+                        "(a different rounds, epsilon or sample_rate changes the calibrated "
+                        "noise); resume with the settings it started with"
                     )
-        atomic_write_text(path, yaml.safe_dump(_plain(config), sort_keys=False))
+
+    def write_config(self, config: Mapping[str, Any], resume: bool = True) -> None:
+        """Check the (re)start with :meth:`check_resume`, then save the resolved config."""
+        self.check_resume(config, resume)
+        atomic_write_text(self.config_path, yaml.safe_dump(_plain(config), sort_keys=False))
 
     # --- round log -----------------------------------------------------------------------
     def append_round(self, record: Mapping[str, Any]) -> None:
@@ -185,6 +285,23 @@ class RunDirectory:
     @staticmethod
     def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+
+
+def _first_row_is_scored(path: Path) -> bool:
+    with open(path, encoding="utf-8") as fh:
+        line = fh.readline()
+    try:
+        row = json.loads(line) if line.strip() else {}
+    except json.JSONDecodeError:
+        return False
+    return row.get("noisy_score") is not None or row.get("noisy_votes") is not None
+
+
+def _normalise(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _plain(obj: Any) -> Any:

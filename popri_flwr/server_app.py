@@ -33,41 +33,65 @@ def make_accountant(cfg: RunConfig) -> PrivacyAccountant:
         logger.warning("privacy.epsilon=inf: NO differential privacy for this run")
         sigma = p.noise_multiplier or 0.0
     elif p.noise_multiplier is None:
-        sigma = calibrate_noise_multiplier(p.epsilon, p.delta, cfg.rounds, p.sample_rate)
+        sigma = calibrate_noise_multiplier(
+            p.epsilon, p.delta, cfg.rounds, p.sample_rate, accounting=p.accounting
+        )
     else:
         sigma = p.noise_multiplier
-        eps = compute_epsilon(sigma, p.sample_rate, cfg.rounds, p.delta)
+        eps = compute_epsilon(sigma, p.sample_rate, cfg.rounds, p.delta, accounting=p.accounting)
         if eps > p.epsilon:
             raise ConfigError(
                 f"privacy.noise_multiplier: {sigma:g} spends epsilon {eps:.4g} > "
                 f"privacy.epsilon={p.epsilon:g} over {cfg.rounds} rounds; raise it or unset it"
             )
     acc = PrivacyAccountant(
-        noise_multiplier=sigma, sample_rate=p.sample_rate, delta=p.delta, target_epsilon=p.epsilon
+        noise_multiplier=sigma,
+        sample_rate=p.sample_rate,
+        delta=p.delta,
+        target_epsilon=p.epsilon,
+        accounting=p.accounting,
     )
     logger.info(
         "Privacy: sigma=%.4g for epsilon=%s, delta=%g, %d rounds, q=%g (Poisson, add/remove one "
-        "client, RDP)",
+        "client, %s)",
         sigma,
         p.epsilon,
         p.delta,
         cfg.rounds,
         p.sample_rate,
+        p.accounting.upper(),
     )
     return acc
 
 
-def build_strategy(cfg: RunConfig, federation: Federation | None = None) -> PrivateStrategy:
+def build_strategy(
+    cfg: RunConfig, federation: Federation | None = None, *, simulation: bool = True
+) -> PrivateStrategy:
     """Run directory, accountant, models and the strategy named by ``strategy.name``.
 
-    Everything that can fail on bad input fails here, before any client is contacted.
+    Everything that can fail on bad input fails here, before any client is contacted, and
+    ``config.yaml`` is written only once a resume has been accepted. ``simulation`` picks the
+    default of ``diagnostics`` (on in simulation, off in a deployment).
     """
     run_dir = RunDirectory(cfg.run_dir or "outputs/run")
-    run_dir.write_config(to_dict(cfg), resume=cfg.resume)
+    config = to_dict(cfg)
+    run_dir.check_resume(config, cfg.resume)
     federation = federation or load_federation(cfg.data)
     accountant = make_accountant(cfg)
-    cls = strategy_class(cfg.strategy.name)
-    return cls.from_config(cfg, run_dir=run_dir, federation=federation, accountant=accountant)
+    run_dir.check_resume(config, cfg.resume, accountant.state_dict())
+    run_dir.write_config(config, resume=cfg.resume)
+    diagnostics = simulation if cfg.diagnostics is None else cfg.diagnostics
+    common = dict(
+        accountant=accountant,
+        clip_norm=cfg.privacy.clip_norm,
+        num_clients=population(cfg, federation),
+        run_dir=run_dir,
+        seed=cfg.seed,
+        round_timeout=cfg.simulation.round_timeout,
+        diagnostics=diagnostics,
+        debug_noise_seed=cfg.privacy.debug_noise_seed,
+    )
+    return strategy_class(cfg.strategy.name).from_config(cfg, federation=federation, **common)
 
 
 def population(cfg: RunConfig, federation: Federation) -> int:
@@ -110,4 +134,9 @@ def main(grid: Grid, context: Context) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("popri_flwr").setLevel(logging.INFO)
     cfg = config_from_run_config(dict(context.run_config))
-    run_strategy(grid, build_strategy(cfg), cfg)
+    if cfg.privacy.debug_noise_seed is not None:
+        raise ConfigError(
+            "privacy.debug_noise_seed: refused by the Flower app (flwr run, deployments); a "
+            "seeded noise run is NOT differentially private and is for popri-run debugging only"
+        )
+    run_strategy(grid, build_strategy(cfg, simulation=False), cfg)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from popri_flwr.strategies.base import REPLY_ARRAYS, REPLY_VECTOR
+from popri_flwr.strategies.base import IDENTITY_KEY, PAYLOAD_CONFIG, REPLY_ARRAYS, REPLY_VECTOR
 
 
 def set_task_identity() -> None:
@@ -24,18 +24,39 @@ def set_task_identity() -> None:
 
 
 class FakeGrid(Grid):
-    """Delivers each message to ``behaviours[node_id](msg)``; ``None`` means no reply."""
+    """Delivers each message to ``behaviours[node_id](msg)``; ``None`` means no reply.
 
-    def __init__(self, behaviours: dict[int, Callable[[Message], Message | None]]):
+    Identity queries (which client a node serves) are answered with ``identities[node]``,
+    by default ``"client-<node>"``: one node per client. ``sent`` and ``messages`` record the
+    train messages only; ``queries`` counts the identity queries.
+    """
+
+    def __init__(
+        self,
+        behaviours: dict[int, Callable[[Message], Message | None]],
+        identities: dict[int, str] | None = None,
+    ):
         self.behaviours = behaviours
+        self.identities = identities or {}
         self.sent: list[list[int]] = []
         self.messages: list[list[Message]] = []
+        self.queries = 0
 
     def get_node_ids(self):
         return list(self.behaviours)
 
+    def _identify(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        client = self.identities.get(node, f"client-{node}")
+        return Message(
+            RecordDict({PAYLOAD_CONFIG: ConfigRecord({IDENTITY_KEY: client})}), reply_to=msg
+        )
+
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.QUERY:
+            self.queries += len(messages)
+            return [self._identify(m) for m in messages]
         self.sent.append([m.metadata.dst_node_id for m in messages])
         self.messages.append(messages)
         out = []

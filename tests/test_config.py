@@ -44,8 +44,46 @@ def test_bad_values_name_the_key(override, key):
     assert "\n" not in str(info.value)
 
 
-def test_epsilon_inf_only_when_asked():
-    assert math.isinf(load_config(["privacy.epsilon=inf"]).privacy.epsilon)
+@pytest.mark.parametrize("spelling", ["inf", ".inf", "Infinity", "+inf", "'.inf'"])
+def test_epsilon_inf_only_when_asked(spelling):
+    assert math.isinf(load_config([f"privacy.epsilon={spelling}"]).privacy.epsilon)
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "'1e400'"])
+def test_a_number_that_overflows_to_infinity_is_refused(number):
+    with pytest.raises(ConfigError, match="privacy.epsilon: .* overflows to infinity"):
+        load_config([f"privacy.epsilon={number}"])
+    with pytest.raises(ConfigError, match="overflows to infinity"):  # the flwr run path too
+        config_from_run_config({"overrides": f"privacy.epsilon={number}"})
+
+
+def test_accounting_and_debug_seed_keys():
+    cfg = load_config([])
+    assert cfg.privacy.accounting == "pld" and cfg.privacy.debug_noise_seed is None
+    assert cfg.diagnostics is None  # resolved by the entry point: simulation on, deploy off
+    with pytest.raises(ConfigError, match="^privacy.accounting: expected one of"):
+        load_config(["privacy.accounting=gdp"])
+
+
+def test_the_flower_app_refuses_seeded_noise(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from popri_flwr.server_app import main as server_app_main  # what @app.main() runs
+
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={
+            "experiment": "demo",
+            "overrides": "privacy.debug_noise_seed=3",
+            "output-dir": str(tmp_path / "run"),
+        },
+    )
+    with pytest.raises(ConfigError, match="privacy.debug_noise_seed: refused by the Flower app"):
+        server_app_main(None, context)
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_flower_run_config_maps_onto_overrides(tmp_path):
@@ -72,6 +110,7 @@ def test_flower_run_config_maps_onto_overrides(tmp_path):
         ),
         (["generation.model=/nonexistent/model-dir"], "generation.model"),
         (["run_dir=/proc/popri-cannot-write-here"], "run_dir"),
+        (["privacy.epsilon=1e999"], "privacy.epsilon"),
     ],
 )
 def test_cli_stops_with_one_line_before_any_work(args, key, tmp_path):

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from popri_flwr.config import RunConfig
 from popri_flwr.data import DataConfig
+from popri_flwr.diagnostics import read_diagnostics
 from popri_flwr.embedding import DEFAULT_EMBEDDER, get_embedder
 from popri_flwr.generation import SamplingParams, make_generator
 from popri_flwr.privacy import PrivacyAccountant, compute_epsilon
@@ -212,7 +213,7 @@ def voting_client(targets: list[int], seen: list[Message] | None = None):
 
 def test_top_voted_members_are_kept_and_the_population_refills(models, tmp_path):
     eval_emb = models[1].embed(_fixture_texts())  # stands in for held-out private text
-    strategy = _make(models, tmp_path, eval_embeddings=eval_emb)
+    strategy = _make(models, tmp_path, eval_embeddings=eval_emb, diagnostics=True)
     run_dir = strategy.run_dir
     strategy.prepare(0)  # builds the zero-shot initial population (round 1)
     first = [r["text"] for r in run_dir.read_jsonl(run_dir.samples_path(1))]
@@ -256,7 +257,9 @@ def test_top_voted_members_are_kept_and_the_population_refills(models, tmp_path)
     assert rounds[0]["votes_kept_mean"] == pytest.approx(expected[[a, b, c]].mean(), abs=1e-5)
     assert rounds[0]["votes_dropped_mean"] == pytest.approx(0.0, abs=1e-6)
     assert rounds[0]["empty_variations"] >= 0 and rounds[0]["population_size"] == 6
-    assert rounds[0]["fid_scored"] >= 0 and rounds[0]["fid_next"] >= 0
+    diag = read_diagnostics(run_dir.path)
+    assert diag[0]["fid_scored"] >= 0 and diag[0]["fid_next"] >= 0
+    assert "fid_next" not in rounds[0]  # evaluation on private text is a diagnostic
     assert rounds[1]["epsilon_spent"] == math.inf  # sigma 0: no privacy, as asked
 
 

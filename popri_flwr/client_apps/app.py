@@ -12,11 +12,17 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from popri_flwr.config import RunConfig
-from popri_flwr.strategies.base import REPLY_ARRAYS, REPLY_METRICS, REPLY_VECTOR
+from popri_flwr.strategies.base import (
+    IDENTITY_KEY,
+    PAYLOAD_CONFIG,
+    REPLY_ARRAYS,
+    REPLY_METRICS,
+    REPLY_VECTOR,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,26 @@ def make_client_app(cfg: RunConfig | None = None, report_seconds: bool | None = 
             content[REPLY_METRICS] = MetricRecord({"client-seconds": time.perf_counter() - start})
         return Message(content=content, reply_to=msg)
 
+    @app.query()
+    def identify(msg: Message, context: Context) -> Message:
+        """Which client this node serves, so the server can refuse two nodes per client."""
+        content = RecordDict({PAYLOAD_CONFIG: ConfigRecord({IDENTITY_KEY: client_id(context)})})
+        return Message(content=content, reply_to=msg)
+
     return app
+
+
+def client_id(context: Context) -> str:
+    """The client a node serves: ``client-id`` from its node config, else its partition id."""
+    node = context.node_config
+    if "client-id" in node:
+        return str(node["client-id"])
+    if "partition-id" in node:
+        return f"partition-{int(node['partition-id'])}"
+    raise ValueError(
+        "node config: this SuperNode has neither client-id nor partition-id; start it with "
+        '--node-config "partition-id=N num-partitions=M" (or client-id=NAME)'
+    )
 
 
 def _config_from_context(context: Context) -> RunConfig:

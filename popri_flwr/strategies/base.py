@@ -2,15 +2,21 @@
 
 One round, for any method (POPri, Private Evolution, DP-FedAvg)::
 
-    sampled  = {i : u_i < q}, u_i ~ U(0, 1) from the strategy's own seeded RNG   (Poisson)
+    population = the N connected nodes, one distinct client each          (checked)
+    sampled  = {i : u_i < q}, u_i ~ U(0, 1) from fresh OS entropy           (Poisson, secret)
     replies  = clients' vectors v_i, each clipped by the client to ||v_i||_2 <= C
-    accepted = {v_i : right length, finite, ||v_i||_2 <= C}            (re-checked here)
-    release  = sum_i v_i + N(0, (sigma * C)^2 I)                       (L2 sensitivity C)
+    accepted = {v_i : right length, finite, ||v_i||_2 <= C}                (re-checked here)
+    release  = sum_i v_i + N(0, (sigma * C)^2 I), noise from fresh OS entropy  (sensitivity C)
 
 and the accountant composes one Poisson-subsampled Gaussian mechanism per round. Subclasses
 say what to send (:meth:`train_payload`), how long the vector is (:meth:`vector_length`) and
 what the server does with the release (:meth:`server_update`). This base owns sampling,
-validation, noise, accounting, the run directory, the round log and resume.
+validation, noise, accounting, the run directory, the round log, diagnostics and resume.
+
+What is released (``rounds.jsonl``, ``samples/``, the adapter or model, ``state.json``) is a
+function of the noisy releases and public inputs only. Un-noised statistics of the clients
+(how many were sampled, failed or rejected and why, client timings, evaluation on held-out
+private text) go to :class:`~popri_flwr.diagnostics.Diagnostics`, off unless enabled.
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from popri_flwr.aggregation import check_vector, noisy_sum
+from popri_flwr.client_sampling import poisson_sample
+from popri_flwr.diagnostics import Diagnostics
 from popri_flwr.privacy import PrivacyAccountant
+from popri_flwr.randomness import secret_rng, seeded_rng
 from popri_flwr.run_dir import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -46,6 +55,16 @@ PAYLOAD_ARRAYS = "payload"
 REPLY_ARRAYS = "reply"
 REPLY_VECTOR = "vector"
 REPLY_METRICS = "metrics"
+#: Query message asking a node which client it serves (one node per client is enforced).
+IDENTITY_CONFIG = "identity"
+IDENTITY_KEY = "client-id"
+
+#: Marker file written into the run directory of a run whose private randomness is seeded.
+NOT_DP_MARKER = "NOT_DIFFERENTIALLY_PRIVATE.txt"
+
+
+class PopulationError(RuntimeError):
+    """The connected nodes are not the population the sampling rate and sensitivity assume."""
 
 
 def record_nbytes(record: RecordDict) -> int:
@@ -94,11 +113,20 @@ class PrivateStrategy(Strategy):
     run_dir
         Where config, round log, samples and checkpoints go.
     seed
-        Seed of the strategy's own RNG (sampling and noise). Never the global RNGs.
+        Seed of the *public* randomness (prompts, generation, ...). Client sampling and noise
+        never use it: they come from fresh OS entropy every time.
     round_timeout
         Seconds to wait for replies; late replies count as failed clients.
     node_wait_timeout
         Seconds to wait for ``num_clients`` nodes before giving up with an error.
+    diagnostics
+        Keep un-noised statistics of the clients (counts, rejections with node ids, timings,
+        evaluation on held-out private text) in ``diagnostics.jsonl``. Off by default: turn it
+        on in simulation, not in a deployment whose run directory may be published.
+    debug_noise_seed
+        Debugging only, never for a real run: draw client sampling and noise from this seed,
+        so they can be reproduced, and anyone with the seed can remove the noise. The run
+        directory, the log and every round record are then marked NOT differentially private.
     """
 
     def __init__(
@@ -111,9 +139,13 @@ class PrivateStrategy(Strategy):
         seed: int = 0,
         round_timeout: float = 600.0,
         node_wait_timeout: float = 300.0,
+        diagnostics: bool = False,
+        debug_noise_seed: int | None = None,
     ) -> None:
-        if clip_norm <= 0:
+        if not clip_norm > 0:
             raise ValueError(f"privacy.clip_norm: must be > 0, got {clip_norm}")
+        if int(num_clients) < 1:
+            raise ValueError(f"num_clients: must be >= 1, got {num_clients}")
         self.accountant = accountant
         self.clip_norm = float(clip_norm)
         self.num_clients = int(num_clients)
@@ -122,7 +154,15 @@ class PrivateStrategy(Strategy):
         self.round_timeout = float(round_timeout)
         self.node_wait_timeout = float(node_wait_timeout)
         self.timer = PhaseTimer()
+        self.diagnostics = Diagnostics(run_dir.path, diagnostics)
+        self.debug_noise_seed = None if debug_noise_seed is None else int(debug_noise_seed)
         self._stats: dict[str, Any] = {}
+        self._identities: dict[int, str] = {}
+
+    @property
+    def differentially_private(self) -> bool:
+        """False for a run without noise (epsilon = inf) or with seeded (debug) noise."""
+        return self.debug_noise_seed is None and self.accountant.noise_multiplier > 0
 
     # ---------------------------------------------------------------- hooks for subclasses
     def prepare(self, finished_round: int) -> None:
@@ -148,33 +188,90 @@ class PrivateStrategy(Strategy):
         """Persist method state after ``server_round``; returns entries for ``state.json``."""
         return {}
 
-    # ---------------------------------------------------------------- sampling
+    # ---------------------------------------------------------------- randomness
     def rng_for(self, server_round: int, purpose: str) -> np.random.Generator:
-        """A reproducible RNG per (seed, round, purpose): resume draws what a fresh run would."""
-        key = int.from_bytes(purpose.encode()[:8].ljust(8, b"\0"), "little")
-        return np.random.default_rng([self.seed, server_round, key])
+        """Seeded RNG per (seed, round, purpose) for PUBLIC randomness (prompts, generation)."""
+        return seeded_rng(self.seed, server_round, purpose)
 
+    def private_rng(self, server_round: int, purpose: str) -> np.random.Generator:
+        """RNG for client sampling and noise: fresh OS entropy, never stored or logged."""
+        if self.debug_noise_seed is not None:
+            return seeded_rng(self.debug_noise_seed, server_round, purpose)
+        return secret_rng()
+
+    # ---------------------------------------------------------------- the population
     def wait_for_nodes(self, grid: Grid) -> list[int]:
-        """Block until ``num_clients`` nodes are connected; return their sorted ids."""
+        """Block until ``num_clients`` nodes are connected; return their sorted ids.
+
+        Raises
+        ------
+        PopulationError
+            If more than ``num_clients`` nodes are connected, or they never all connect.
+        """
         deadline = time.monotonic() + self.node_wait_timeout
         while len(nodes := sorted(grid.get_node_ids())) < self.num_clients:
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise PopulationError(
                     f"only {len(nodes)} of {self.num_clients} nodes connected after "
                     f"{self.node_wait_timeout:.0f}s; the sampling rate assumes all of them"
                 )
             logger.info("Waiting for nodes: %d of %d connected", len(nodes), self.num_clients)
             time.sleep(1.0)
+        if len(nodes) > self.num_clients:
+            raise PopulationError(
+                f"{len(nodes)} nodes are connected but the population is {self.num_clients} "
+                "clients; refusing to sample (the sampling rate and the accountant assume "
+                "exactly one node per client)"
+            )
         return nodes
 
+    def verify_identities(self, grid: Grid, nodes: list[int], timeout: float) -> None:
+        """Ask nodes not seen before which client they serve; refuse duplicates.
+
+        A client served by two nodes would answer twice: its sensitivity would be 2C while
+        the noise is calibrated for C.
+
+        Raises
+        ------
+        PopulationError
+            If a node does not say, or two connected nodes claim the same client.
+        """
+        new = [n for n in nodes if n not in self._identities]
+        if new:
+            query = RecordDict({PAYLOAD_CONFIG: ConfigRecord({IDENTITY_CONFIG: True})})
+            messages = [
+                Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in new
+            ]
+            for reply in grid.send_and_receive(messages, timeout=timeout):
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    continue
+                record = reply.content.get(PAYLOAD_CONFIG)
+                if isinstance(record, ConfigRecord) and IDENTITY_KEY in record:
+                    self._identities[node] = str(record[IDENTITY_KEY])
+        missing = [n for n in nodes if n not in self._identities]
+        if missing:
+            raise PopulationError(
+                f"{len(missing)} node(s) did not say which client they serve (e.g. node "
+                f"{missing[0]}); every node must run a client app that answers the identity "
+                "query (popri_flwr.client_apps)"
+            )
+        owner: dict[str, int] = {}
+        for n in nodes:
+            client = self._identities[n]
+            if client in owner:
+                raise PopulationError(
+                    f"nodes {owner[client]} and {n} both serve client {client!r}; refusing to "
+                    "sample (one node per client: a client on two nodes would count twice)"
+                )
+            owner[client] = n
+
     def sample_nodes(self, grid: Grid, server_round: int) -> list[int]:
-        """Poisson sampling: each node independently with probability q (may be empty)."""
+        """Poisson sampling of the verified population, from secret randomness."""
         nodes = self.wait_for_nodes(grid)
+        self.verify_identities(grid, nodes, self.round_timeout)
         q = self.accountant.sample_rate
-        if q >= 1.0:
-            return nodes
-        draws = self.rng_for(server_round, "sample").random(len(nodes))
-        return [n for n, u in zip(nodes, draws, strict=True) if u < q]
+        return poisson_sample(nodes, q, self.private_rng(server_round, "sample"))
 
     # ---------------------------------------------------------------- Flower Strategy API
     def configure_train(
@@ -188,9 +285,14 @@ class PrivateStrategy(Strategy):
         cfg["clip-norm"] = self.clip_norm
         cfg["vector-length"] = self.vector_length(server_round)
         record[PAYLOAD_CONFIG] = cfg
-        self._stats.update(clients_sampled=len(node_ids), bytes_down=record_nbytes(record))
-        logger.info(
-            "Round %d: sampled %d of %d clients", server_round, len(node_ids), self.num_clients
+        self._stats.update(bytes_down=record_nbytes(record))
+        self.diagnostics.add(clients_sampled=len(node_ids))
+        self.diagnostics.log(
+            logging.INFO,
+            "Round %d: sampled %d of %d clients",
+            server_round,
+            len(node_ids),
+            self.num_clients,
         )
         return [
             Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
@@ -206,19 +308,32 @@ class PrivateStrategy(Strategy):
         failed = rejected = 0
         client_seconds: list[float] = []
         bytes_up: list[int] = []
+        rejections: list[dict[str, Any]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failed += 1
-                logger.warning(
-                    "Round %d: client %s failed: %s", server_round, node, msg.error.reason
+                self.diagnostics.log(
+                    logging.WARNING,
+                    "Round %d: client %s failed: %s",
+                    server_round,
+                    node,
+                    msg.error.reason,
                 )
                 continue
             vector, reason = self._extract_vector(msg, dim)
             if reason is not None:
                 rejected += 1
-                logger.warning(
-                    "Round %d: rejected reply from client %s: %s", server_round, node, reason
+                rejections.append({"node": int(node), "reason": reason})
+                # The operator always learns that bad replies arrive; which node and the
+                # values seen are diagnostics.
+                logger.warning("Round %d: rejected a client reply: %s", server_round, _kind(reason))
+                self.diagnostics.log(
+                    logging.WARNING,
+                    "Round %d: rejected reply from client %s: %s",
+                    server_round,
+                    node,
+                    reason,
                 )
                 continue
             accepted.append(vector)
@@ -228,19 +343,19 @@ class PrivateStrategy(Strategy):
                 client_seconds.append(float(metrics["client-seconds"]))
         sigma = self.accountant.noise_multiplier
         release = noisy_sum(
-            accepted, dim, sigma * self.clip_norm, self.rng_for(server_round, "noise")
+            accepted, dim, sigma * self.clip_norm, self.private_rng(server_round, "noise")
         )
-        self._stats.update(
+        sampled = self.diagnostics.get("clients_sampled", len(accepted) + rejected + failed)
+        self.diagnostics.add(
             clients_replied=len(accepted) + rejected,
             clients_accepted=len(accepted),
             clients_rejected=rejected,
-            clients_failed=failed
-            + max(0, self._stats.get("clients_sampled", 0) - len(accepted) - rejected - failed),
+            clients_failed=failed + max(0, sampled - len(accepted) - rejected - failed),
+            rejections=rejections,
             bytes_up=int(np.mean(bytes_up)) if bytes_up else 0,
             client_seconds=float(np.mean(client_seconds)) if client_seconds else None,
         )
-        metrics = MetricRecord({"clients-accepted": len(accepted), "clients-rejected": rejected})
-        return ArrayRecord({"release": Array(release)}), metrics
+        return ArrayRecord({"release": Array(release)}), None
 
     def _extract_vector(self, msg: Message, dim: int) -> tuple[np.ndarray | None, str | None]:
         try:
@@ -290,7 +405,9 @@ class PrivateStrategy(Strategy):
         using it, and writes one log line per round.
         """
         timeout = self.round_timeout if timeout is None else timeout
+        self.run_dir.check_accounted()  # a lost state.json must not mean spending again
         self.summary()
+        self._mark_if_not_private()
         state = self.run_dir.load_state() or {}
         finished = int(state.get("finished_round", 0))
         released = int(state.get("released_round", 0))
@@ -305,6 +422,7 @@ class PrivateStrategy(Strategy):
                 self.accountant.epsilon_spent,
             )
         self.run_dir.truncate_rounds(finished)
+        self.diagnostics.truncate(finished)
         self.prepare(finished)
         result = Result()
         for rnd in range(finished + 1, num_rounds + 1):
@@ -340,76 +458,132 @@ class PrivateStrategy(Strategy):
                     )
                     self.run_dir.save_state(state)
             update = self.server_update(rnd, release)
-            with self.timer("evaluate"):
-                evaluation = self.evaluate_round(rnd)
+            evaluation: dict[str, Any] = {}
+            if self.diagnostics.enabled:  # evaluation reads held-out private text
+                with self.timer("evaluate"):
+                    evaluation = self.evaluate_round(rnd)
             with self.timer("checkpoint"):
                 state.update(self.save_checkpoint(rnd))
-            record = self._round_record(rnd, update, evaluation, time.perf_counter() - t0)
+            record = self._round_record(rnd, update)
             self.run_dir.append_round(record)
             state.update(finished_round=rnd, accountant=self.accountant.state_dict())
             self.run_dir.save_state(state)
+            self.diagnostics.write_round(
+                rnd,
+                {
+                    **evaluation,
+                    "seconds": {
+                        **{k: round(v, 3) for k, v in self.timer.seconds.items()},
+                        "total": round(time.perf_counter() - t0, 3),
+                    },
+                },
+            )
             result.train_metrics_clientapp[rnd] = MetricRecord(
                 {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
             )
             self.log_round(record, num_rounds)
         return result
 
+    def _mark_if_not_private(self) -> None:
+        """Say it everywhere when this run's private randomness is seeded (debugging only)."""
+        if self.debug_noise_seed is None:
+            return
+        msg = (
+            "NOT DIFFERENTIALLY PRIVATE: privacy.debug_noise_seed is set, so client sampling "
+            "and noise can be reproduced by anyone who knows the seed (debugging only)."
+        )
+        logger.error(msg)
+        (self.run_dir.path / NOT_DP_MARKER).write_text(msg + "\n")
+
     def _check_same_mechanism(self, restored: PrivacyAccountant) -> None:
         a = self.accountant
-        if (restored.noise_multiplier, restored.sample_rate, restored.delta) != (
-            a.noise_multiplier,
-            a.sample_rate,
-            a.delta,
-        ):
+        was = (restored.noise_multiplier, restored.sample_rate, restored.delta)
+        now = (a.noise_multiplier, a.sample_rate, a.delta)
+        was_acc, now_acc = getattr(restored, "accounting", "rdp"), getattr(a, "accounting", "rdp")
+        if was != now or was_acc != now_acc:
             raise ValueError(
                 f"privacy: the run being resumed used sigma={restored.noise_multiplier:g}, "
-                f"q={restored.sample_rate:g}, delta={restored.delta:g}; now "
-                f"sigma={a.noise_multiplier:g}, q={a.sample_rate:g}, delta={a.delta:g}"
+                f"q={restored.sample_rate:g}, delta={restored.delta:g}, accounting={was_acc}; "
+                f"now sigma={a.noise_multiplier:g}, q={a.sample_rate:g}, delta={a.delta:g}, "
+                f"accounting={now_acc}"
             )
 
-    def _round_record(
-        self, rnd: int, update: dict[str, Any], evaluation: dict[str, Any], seconds: float
-    ) -> dict[str, Any]:
+    def _round_record(self, rnd: int, update: dict[str, Any]) -> dict[str, Any]:
+        """The released round record: privacy spend, public costs, server-side metrics.
+
+        Nothing here is an un-noised statistic of the clients: counts, client timings and
+        evaluation on private text are diagnostics.
+        """
         a = self.accountant
+        server_phases = {
+            k: round(v, 3)
+            for k, v in self.timer.seconds.items()
+            if k not in _CLIENT_DEPENDENT_PHASES
+        }
         return {
             "round": rnd,
+            "differentially_private": self.differentially_private,
             "epsilon_spent": a.epsilon_spent,
             "epsilon_target": a.target_epsilon,
             "delta": a.delta,
             "noise_multiplier": a.noise_multiplier,
             "sample_rate": a.sample_rate,
-            **{
-                k: self._stats.get(k)
-                for k in (
-                    "clients_sampled",
-                    "clients_replied",
-                    "clients_accepted",
-                    "clients_rejected",
-                    "clients_failed",
-                    "bytes_down",
-                    "bytes_up",
-                    "client_seconds",
-                )
-            },
+            "bytes_down": self._stats.get("bytes_down"),
             **update,
-            **evaluation,
-            "seconds": {
-                **{k: round(v, 3) for k, v in self.timer.seconds.items()},
-                "total": round(seconds, 3),
-            },
+            "seconds": server_phases,
         }
 
     def log_round(self, record: dict[str, Any], num_rounds: int) -> None:
+        """One line per round: spend and server time; client counts only with diagnostics."""
+        tag = "" if self.differentially_private else " [NOT differentially private]"
         logger.info(
-            "Round %d/%d done: epsilon spent %.4g of %.4g | clients %s sampled, %s accepted, "
-            "%s rejected, %s failed | time: %s",
+            "Round %d/%d done%s: epsilon spent %.4g of %.4g | time: %s",
             record["round"],
             num_rounds,
+            tag,
             record["epsilon_spent"],
             record["epsilon_target"],
-            record["clients_sampled"],
-            record["clients_accepted"],
-            record["clients_rejected"],
-            record["clients_failed"],
-            self.timer.summary(),
+            ", ".join(f"{k} {v:.1f}s" for k, v in record["seconds"].items()),
         )
+        d = self.diagnostics
+        d.log(
+            logging.INFO,
+            "Round %d diagnostics (not released): clients %s sampled, %s accepted, "
+            "%s rejected, %s failed | client phase %.1fs",
+            record["round"],
+            d.last.get("clients_sampled"),
+            d.last.get("clients_accepted"),
+            d.last.get("clients_rejected"),
+            d.last.get("clients_failed"),
+            d.last.get("seconds", {}).get("clients", 0.0),
+        )
+
+
+def eval_embeddings_for(
+    cfg: Any, federation: Any, embedder: Any, common: dict[str, Any]
+) -> np.ndarray | None:
+    """Embeddings of a seeded subsample of held-out private text, for the diagnostic FID.
+
+    None unless diagnostics are on (``common["diagnostics"]``) and ``evaluation.fid``.
+    """
+    if not (common.get("diagnostics") and cfg.evaluation.fid):
+        return None
+    texts = federation.eval_sample(cfg.evaluation.max_eval_texts, cfg.seed)
+    return embedder.embed(texts) if len(texts) >= 2 else None
+
+
+#: Phases whose duration depends on the sampled clients (how many, how much data).
+_CLIENT_DEPENDENT_PHASES = ("clients", "aggregate", "evaluate")
+
+
+def _kind(reason: str) -> str:
+    """The kind of a rejection, without the values seen (those are diagnostics)."""
+    for key, kind in (
+        ("exceeds the clip bound", "L2 norm over the clip bound"),
+        ("non-finite", "non-finite values"),
+        ("wrong shape", "wrong length"),
+        ("wrong dtype", "wrong dtype"),
+    ):
+        if key in reason:
+            return kind
+    return "malformed reply"

@@ -9,19 +9,20 @@ Round t (clip C, noise multiplier sigma, Poisson rate q, population N)::
 
 The model is the downstream LM every other method is scored with (:mod:`popri_flwr.downstream`),
 so DP-FedAvg's final model is directly comparable with a downstream LM trained on synthetic text.
-Evaluation only: after each round the global model's next-token accuracy on held-out private
-text (a seeded subsample of ``evaluation.max_eval_texts``) goes into ``rounds.jsonl``.
+Evaluation only, with diagnostics on (simulation): after each round the global model's
+next-token accuracy on held-out private text (a seeded subsample of
+``evaluation.max_eval_texts``) goes into ``diagnostics.jsonl``, never into the release.
 
 Files it adds to the run directory::
 
     checkpoint/global_round_NNN.npz   trainable parameters after round NNN (last two kept)
     final_model/                      the final model (LoRA merged), ``from_pretrained``-ready
-    downstream.json                   final and best-over-rounds accuracy of the global model
+    diagnostics.jsonl                 + a ``final_model`` record: final and best accuracy
 
 Why not Flower's DP wrappers (``DifferentialPrivacyServerSideFixedClipping`` and friends):
 they need a fixed number of sampled clients, divide by the realised count and account with
 NO sampling amplification (and draw noise from the global ``np.random``). This strategy keeps
-the base class's Poisson sampling from a seeded RNG, the noisy *sum* with sensitivity C and the
+the base class's secret Poisson sampling, the noisy *sum* with sensitivity C and the
 accountant that composes the Poisson-subsampled Gaussian mechanism, the same mechanism POPri
 and PE use, so equal sigma, q and rounds spend equal epsilon.
 """
@@ -29,7 +30,6 @@ and PE use, so equal sigma, q and rounds spend equal epsilon.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
@@ -115,15 +115,12 @@ class DPFedAvgStrategy(PrivateStrategy):
         FedAvgConfig.from_extra(cfg.strategy.extra or {})
 
     @classmethod
-    def from_config(
-        cls, cfg: Any, *, run_dir: Any, federation: Any, accountant: Any
-    ) -> DPFedAvgStrategy:
+    def from_config(cls, cfg: Any, *, federation: Any, **common: Any) -> DPFedAvgStrategy:
         """Build the downstream model and the strategy from a :class:`~popri_flwr.config.RunConfig`.
 
         ``strategy.extra`` carries :class:`~popri_flwr.fedavg_update.FedAvgConfig`'s keys.
         """
         from popri_flwr.model_loading import resolve_device
-        from popri_flwr.server_app import population
 
         fedavg = FedAvgConfig.from_extra(cfg.strategy.extra or {})
         tokenizer = load_tokenizer(cfg.downstream)
@@ -134,13 +131,12 @@ class DPFedAvgStrategy(PrivateStrategy):
             tokenizer=tokenizer,
             fedavg=fedavg,
             downstream=cfg.downstream,
-            eval_texts=federation.eval_sample(cfg.evaluation.max_eval_texts, cfg.seed),
-            accountant=accountant,
-            clip_norm=cfg.privacy.clip_norm,
-            num_clients=population(cfg, federation),
-            run_dir=run_dir,
-            seed=cfg.seed,
-            round_timeout=cfg.simulation.round_timeout,
+            eval_texts=(
+                federation.eval_sample(cfg.evaluation.max_eval_texts, cfg.seed)
+                if common.get("diagnostics")
+                else None
+            ),
+            **common,
         )
 
     @property
@@ -271,15 +267,18 @@ class DPFedAvgStrategy(PrivateStrategy):
         return result
 
     def export_final(self) -> dict[str, Any]:
-        """Write ``final_model/`` and ``downstream.json`` for the global model as it stands.
+        """Write ``final_model/`` (released) and, with diagnostics on, its private accuracy.
 
         Returns
         -------
         dict
-            What ``downstream.json`` holds: ``round``, ``final_top1``/``final_top5``/
-            ``final_loss`` (this model on the strategy's eval texts) and ``best_top1``/
-            ``best_top5``/``best_round`` over the round log (evaluation only).
+            The diagnostics record ``final_model``: ``round``, ``final_top1``/``final_top5``/
+            ``final_loss`` (this model on the strategy's held-out private texts) and
+            ``best_top1``/``best_top5``/``best_round`` over the rounds' diagnostics; empty when
+            diagnostics are off (the accuracy on private text is not part of the release).
         """
+        from popri_flwr.diagnostics import read_diagnostics
+
         root = self.run_dir.path
         final, tmp = root / "final_model", root / "final_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -290,7 +289,10 @@ class DPFedAvgStrategy(PrivateStrategy):
         self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        rounds = [r for r in self.run_dir.read_rounds() if r.get("accuracy") is not None]
+        logger.info("DP-FedAvg final model: %s", final)
+        if not self.diagnostics.enabled:
+            return {}
+        rounds = [r for r in read_diagnostics(root) if r.get("accuracy") is not None]
         summary: dict[str, Any] = {
             "round": self.run_dir.finished_rounds(),
             "train_mode": self.fedavg.train_mode,
@@ -313,8 +315,8 @@ class DPFedAvgStrategy(PrivateStrategy):
                 best_top5=max(r["top5_accuracy"] for r in rounds),
                 best_round=best["round"],
             )
-        (root / "downstream.json").write_text(json.dumps(summary, indent=2))
-        logger.info("DP-FedAvg final model: %s (%s)", final, summary)
+        self.diagnostics.write({"final_model": summary})
+        self.diagnostics.log(logging.INFO, "DP-FedAvg final model (diagnostics): %s", summary)
         return summary
 
 

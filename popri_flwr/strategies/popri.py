@@ -31,7 +31,12 @@ from popri_flwr.generation import Generator, SamplingParams, generate_samples
 from popri_flwr.preference import build_pairs
 from popri_flwr.prompts import build_prompts
 from popri_flwr.public_set import build_public_set
-from popri_flwr.strategies.base import PAYLOAD_ARRAYS, PAYLOAD_CONFIG, PrivateStrategy
+from popri_flwr.strategies.base import (
+    PAYLOAD_ARRAYS,
+    PAYLOAD_CONFIG,
+    PrivateStrategy,
+    eval_embeddings_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +144,11 @@ class PopriStrategy(PrivateStrategy):
         )
 
     @classmethod
-    def from_config(
-        cls, cfg: Any, *, run_dir: Any, federation: Any, accountant: Any
-    ) -> PopriStrategy:
+    def from_config(cls, cfg: Any, *, federation: Any, **common: Any) -> PopriStrategy:
         """Build models and the strategy from a :class:`~popri_flwr.config.RunConfig`."""
         from popri_flwr.embedding import get_embedder
         from popri_flwr.generation import TransformersGenerator, generator_from_config
         from popri_flwr.model_loading import load_causal_lm
-        from popri_flwr.server_app import population
 
         g, s = cfg.generation, cfg.strategy
         # A fresh base model per run (0.5 s from the cache): the DPO step wraps it with its
@@ -171,13 +173,8 @@ class PopriStrategy(PrivateStrategy):
             payload=s.payload,
             sampling=SamplingParams.from_config(g, cfg.seed),
             embedder_name=cfg.embedder.model,
-            eval_embeddings=eval_embeddings_for(cfg, federation, embedder),
-            accountant=accountant,
-            clip_norm=cfg.privacy.clip_norm,
-            num_clients=population(cfg, federation),
-            run_dir=run_dir,
-            seed=cfg.seed,
-            round_timeout=cfg.simulation.round_timeout,
+            eval_embeddings=eval_embeddings_for(cfg, federation, embedder, common),
+            **common,
         )
 
     # ---------------------------------------------------------------- set-up and resume
@@ -367,11 +364,3 @@ def _unique_prompts(rows: list[dict[str, Any]], k: int) -> list[str]:
     for row in rows:
         prompts[int(row["prompt_id"])] = row["prompt"]
     return prompts
-
-
-def eval_embeddings_for(cfg: Any, federation: Any, embedder: Embedder) -> np.ndarray | None:
-    """Embeddings of (a seeded subsample of) held-out private text, for evaluation only."""
-    if not cfg.evaluation.fid:
-        return None
-    texts = federation.eval_sample(cfg.evaluation.max_eval_texts, cfg.seed)
-    return embedder.embed(texts) if len(texts) >= 2 else None

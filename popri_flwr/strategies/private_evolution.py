@@ -35,7 +35,12 @@ from popri_flwr.embedding import Embedder
 from popri_flwr.generation import Generator, SamplingParams, generate_samples
 from popri_flwr.prompts import variation_prompt
 from popri_flwr.public_set import build_public_set
-from popri_flwr.strategies.base import PAYLOAD_ARRAYS, PAYLOAD_CONFIG, PrivateStrategy
+from popri_flwr.strategies.base import (
+    PAYLOAD_ARRAYS,
+    PAYLOAD_CONFIG,
+    PrivateStrategy,
+    eval_embeddings_for,
+)
 from popri_flwr.voting import PEConfig, refill_parents, select_top, vote_summary
 
 logger = logging.getLogger(__name__)
@@ -198,9 +203,7 @@ class PrivateEvolutionStrategy(PrivateStrategy):
         PEConfig.from_extra(s.extra or {}, s.num_prompts * s.samples_per_prompt)
 
     @classmethod
-    def from_config(
-        cls, cfg: Any, *, run_dir: Any, federation: Any, accountant: Any
-    ) -> PrivateEvolutionStrategy:
+    def from_config(cls, cfg: Any, *, federation: Any, **common: Any) -> PrivateEvolutionStrategy:
         """Build the generator, embedder and strategy from a :class:`~popri_flwr.config.RunConfig`.
 
         ``strategy.extra`` carries ``population_size`` (null: ``num_prompts *
@@ -209,8 +212,6 @@ class PrivateEvolutionStrategy(PrivateStrategy):
         """
         from popri_flwr.embedding import get_embedder
         from popri_flwr.generation import generator_from_config
-        from popri_flwr.server_app import population
-        from popri_flwr.strategies.popri import eval_embeddings_for
 
         g, s = cfg.generation, cfg.strategy
         # Validate before loading any model.
@@ -227,13 +228,8 @@ class PrivateEvolutionStrategy(PrivateStrategy):
             sampling=SamplingParams.from_config(g, cfg.seed),
             payload=s.payload,
             embedder_name=cfg.embedder.model,
-            eval_embeddings=eval_embeddings_for(cfg, federation, embedder),
-            accountant=accountant,
-            clip_norm=cfg.privacy.clip_norm,
-            num_clients=population(cfg, federation),
-            run_dir=run_dir,
-            seed=cfg.seed,
-            round_timeout=cfg.simulation.round_timeout,
+            eval_embeddings=eval_embeddings_for(cfg, federation, embedder, common),
+            **common,
         )
 
     # ---------------------------------------------------------------- set-up and resume

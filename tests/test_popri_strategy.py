@@ -1,0 +1,172 @@
+"""PopriStrategy on its own, driven by the fake grid, with the real models at tiny size.
+
+SmolLM2-135M generates (2 prompts x 3 samples, 8 new tokens), MiniLM embeds, TRL runs one DPO
+step. The clients are the package's own ClientApp handler on SOTU clients. What is checked:
+a client's reply carries nothing but its clipped vector, the pairs follow the *noisy* sum
+(not the clean one, not its negation), and the released files hold the noisy scores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from fakegrid import FakeGrid, set_task_identity
+from flwr.app import Context, Message, RecordDict
+
+from popri_flwr.client_apps.app import make_client_app
+from popri_flwr.clipping import l2_norm
+from popri_flwr.dpo import DPOStep, DPOStepConfig
+from popri_flwr.embedding import get_embedder
+from popri_flwr.generation import SamplingParams, TransformersGenerator
+from popri_flwr.hydra_config import load_config
+from popri_flwr.model_loading import load_causal_lm
+from popri_flwr.privacy import PrivacyAccountant
+from popri_flwr.run_dir import RunDirectory
+from popri_flwr.strategies import popri as popri_module
+from popri_flwr.strategies.base import REPLY_ARRAYS, REPLY_VECTOR
+from popri_flwr.strategies.popri import PopriStrategy
+
+K, J, R, N = 2, 3, 1, 4
+PUBLIC = [
+    "The state of the Union is strong, and our economy keeps growing.",
+    "We must invest in our schools, our roads and our ports.",
+    "Our armed forces stand ready to defend the nation.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    set_task_identity()
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(
+        [
+            "experiment=demo",
+            f"data.max_clients={N}",
+            "data.max_texts_per_client=4",
+            "evaluation.report_client_seconds=false",
+        ]
+    )
+
+
+def _client_grid(cfg) -> FakeGrid:
+    """N nodes, each running the package's ClientApp for its own SOTU client."""
+    app = make_client_app(cfg)
+
+    def node(partition: int):
+        context = Context(
+            run_id=1,
+            node_id=partition + 1,
+            node_config={"partition-id": partition, "num-partitions": N},
+            state=RecordDict(),
+            run_config={},
+        )
+        return lambda msg: app(msg, context)
+
+    return FakeGrid({i + 1: node(i) for i in range(N)})
+
+
+def _strategy(tmp_path, sigma: float, monkeypatch) -> tuple[PopriStrategy, list]:
+    cache = os.environ.get("POPRI_CACHE")
+    model, tok = load_causal_lm(device="cpu", cache_dir=cache)
+    dpo = DPOStep(
+        model,
+        tok,
+        DPOStepConfig(
+            beta=0.1,
+            learning_rate=1e-3,
+            warmup_steps=0,
+            per_device_batch_size=2,
+            gradient_accumulation_steps=1,
+            max_steps_per_round=1,
+            device="cpu",
+        ),
+    )
+    public = tmp_path / "public.jsonl"
+    RunDirectory(tmp_path).write_jsonl(public, [{"text": t} for t in PUBLIC])
+    strategy = PopriStrategy(
+        generator=TransformersGenerator(dpo.model, tok, batch_size=K * J, progress=False),
+        tokenizer=tok,
+        dpo=dpo,
+        embedder=get_embedder("packaged:all-minilm-l6-v2", "cpu"),
+        public_set={"description": "a paragraph", "size": 3, "path": str(public)},
+        num_prompts=K,
+        samples_per_prompt=J,
+        reject_rank=R,
+        shots=1,
+        sampling=SamplingParams(max_new_tokens=8, truncate_tokens=8, seed=0),
+        embedder_name="packaged:all-minilm-l6-v2",
+        accountant=PrivacyAccountant(
+            noise_multiplier=sigma,
+            sample_rate=1.0,
+            delta=1e-5,
+            target_epsilon=math.inf if sigma == 0 else 1e9,
+        ),
+        clip_norm=1.0,
+        num_clients=N,
+        run_dir=RunDirectory(tmp_path / "run"),
+        diagnostics=True,
+    )
+    seen: list = []
+    monkeypatch.setattr(popri_module, "build_pairs", _keep(popri_module.build_pairs, seen))
+    return strategy, seen
+
+
+def _keep(real, seen):
+    """The real ``build_pairs``, recording its scores and pairs (a spy, not a stand-in)."""
+
+    def spy(prompts, samples, scores, j, r, **kw):
+        pairs = real(prompts, samples, scores, j, r, **kw)
+        seen.append((np.asarray(scores, dtype=np.float64).copy(), pairs))
+        return pairs
+
+    return spy
+
+
+def test_a_client_reply_is_only_the_clipped_vector(cfg, tmp_path, monkeypatch):
+    strategy, _ = _strategy(tmp_path, 0.0, monkeypatch)
+    grid = _client_grid(cfg)
+    strategy.prepare(0)
+    (msg,) = strategy.configure_train(1, None, None, grid)[:1]
+    reply: Message = grid.behaviours[msg.metadata.dst_node_id](msg)
+    assert set(reply.content.keys()) == {REPLY_ARRAYS}  # no metrics, no counts, no timings
+    arrays = reply.content[REPLY_ARRAYS]
+    assert list(arrays.keys()) == [REPLY_VECTOR]
+    vector = arrays[REPLY_VECTOR].numpy()
+    assert vector.shape == (K * J,) and vector.dtype == np.float32
+    assert l2_norm(vector) <= 1.0 and l2_norm(vector) > 0.99  # z-scored, then clipped to C
+
+
+@pytest.mark.parametrize("sigma", [0.0, 3.0])
+def test_pairs_follow_the_noisy_sum(cfg, tmp_path, monkeypatch, sigma):
+    torch.set_num_threads(1)
+    strategy, seen = _strategy(tmp_path, sigma, monkeypatch)
+    grid = _client_grid(cfg)
+    strategy.start(grid=grid, num_rounds=1)
+    (scores, pairs) = seen[0]
+    release = np.load(tmp_path / "run" / "checkpoint" / "release_round_001.npy")
+    np.testing.assert_array_equal(scores, release)  # pairs were built from the release
+    by_prompt = release.reshape(K, J)
+    for chosen, rejected in zip(pairs.chosen_index, pairs.rejected_index, strict=True):
+        p = chosen // J
+        assert rejected // J == p
+        assert release[chosen] == by_prompt[p].max()  # best under the noisy sum
+        assert release[rejected] == np.sort(by_prompt[p])[::-1][R]  # rank r, descending
+    # The released samples carry the same noisy scores.
+    rows = RunDirectory(tmp_path / "run").read_jsonl(tmp_path / "run" / "samples/round_001.jsonl")
+    np.testing.assert_allclose([r["noisy_score"] for r in rows], release)
+    if sigma == 0:  # no noise: the release is the clean sum of the clients' vectors
+        clean = np.zeros(K * J)
+        for m in grid.messages[0]:
+            reply = grid.behaviours[m.metadata.dst_node_id](m)
+            clean += reply.content[REPLY_ARRAYS][REPLY_VECTOR].numpy().astype(np.float64)
+        np.testing.assert_allclose(release, clean, atol=1e-6)
+    else:
+        assert strategy.differentially_private
+        assert np.abs(release).max() > 1.5  # N(0, 9) noise on 6 entries, far beyond |sum| <= 4
