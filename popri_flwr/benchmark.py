@@ -44,9 +44,10 @@ logger = logging.getLogger(__name__)
 #: Rows that need no private run; every other method name is a ``strategy.name``.
 REFERENCES = ("eps0", "epsinf")
 
-#: Bumped when the way rows are scored changes (2: eps-inf texts cut to truncate_tokens), so
-#: rows cached by an older version are computed again instead of mixed into a new table.
-SCORING_VERSION = 2
+#: Bumped when the way rows are scored changes (2: eps-inf texts cut to truncate_tokens; 3: PLD
+#: accounting and secret noise), so rows cached by an older version are computed again instead
+#: of mixed into a new table.
+SCORING_VERSION = 3
 
 #: Column order of ``results.csv`` (and of the Markdown table, minus ``run_dir``).
 COLUMNS = (
