@@ -798,7 +798,7 @@ def load_hub_dataset(
 
 
 def load_public_texts(path: str | Path, key: str = "public_set.path") -> list[str]:
-    """Public (non-private) texts for POPri's initial few-shot set.
+    """A file of texts: the public initial set, or a SuperNode's own private data.
 
     ``.txt``: one text per blank-line-separated paragraph. ``.json``: a list of strings or of
     objects with a ``"text"`` field. ``.jsonl``: one object with a ``"text"`` field (or one JSON

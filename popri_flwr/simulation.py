@@ -46,7 +46,7 @@ def run_simulation(cfg: RunConfig) -> str:
     logger.info("Simulating %d clients (%s)", num_nodes, federation.name)
     flwr_run_simulation(
         server_app=make_server_app(cfg, strategy),
-        client_app=make_client_app(cfg),
+        client_app=make_client_app(config=cfg),
         num_supernodes=num_nodes,
         backend_name="ray",
         backend_config=backend_config(cfg),

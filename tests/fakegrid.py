@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from popri_flwr.strategies.base import IDENTITY_KEY, PAYLOAD_CONFIG, REPLY_ARRAYS, REPLY_VECTOR
+from popri_flwr.protocol import IDENTITY_KEY, PAYLOAD_CONFIG, REPLY_ARRAYS, REPLY_VECTOR
 
 
 def set_task_identity() -> None:

@@ -7,6 +7,7 @@ real client handler, and once end to end on Flower's simulation engine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.supercore.differential_privacy import clip_inputs_inplace
 
 from popri_flwr.client_apps.local_training import train_update
+from popri_flwr.client_apps.resources import NodeData, client_texts
 from popri_flwr.clipping import clip_to_norm
 from popri_flwr.config import ConfigError
 from popri_flwr.data import load_federation
@@ -37,9 +39,9 @@ from popri_flwr.fedavg_update import (
 )
 from popri_flwr.hydra_config import load_config
 from popri_flwr.privacy import PrivacyAccountant, compute_epsilon
+from popri_flwr.protocol import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.server_app import build_strategy, make_accountant
-from popri_flwr.strategies.base import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.strategies.dp_fedavg import DPFedAvgStrategy, evaluate_run_dir
 
 TINY = [
@@ -168,6 +170,7 @@ def test_handler_output_never_exceeds_c(cfg, tokenizer, federation):
             "server-round": 1,
             "clip-norm": c,
             "vector-length": vec_len,
+            "downstream": json.dumps(dataclasses.asdict(cfg.downstream)),
         }
         arrays = {k: Array(v) for k, v in param_arrays(strategy_model).items()}
         msg = Message(
@@ -175,7 +178,7 @@ def test_handler_output_never_exceeds_c(cfg, tokenizer, federation):
             dst_node_id=1,
             message_type=MessageType.TRAIN,
         )
-        out = train_update(msg, cfg, partition_id=0)
+        out = train_update(msg, NodeData("node-0", client_texts(cfg.data, 0)))
         norm = float(np.linalg.norm(out.astype(np.float64)))
         assert out.shape == (vec_len,) and norm <= c and norm == pytest.approx(c, rel=1e-5)
 
@@ -275,7 +278,7 @@ def _real_clients(cfg, n):
 
     def client(pid):
         def behave(msg):
-            vec = train_update(msg, cfg, pid)
+            vec = train_update(msg, NodeData(f"node-{pid}", client_texts(cfg.data, pid)))
             return Message(
                 RecordDict({REPLY_ARRAYS: ArrayRecord({REPLY_VECTOR: Array(vec)})}),
                 reply_to=msg,

@@ -25,9 +25,9 @@ from popri_flwr.generation import SamplingParams, TransformersGenerator
 from popri_flwr.hydra_config import load_config
 from popri_flwr.model_loading import load_causal_lm
 from popri_flwr.privacy import PrivacyAccountant
+from popri_flwr.protocol import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.strategies import popri as popri_module
-from popri_flwr.strategies.base import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.strategies.popri import PopriStrategy
 
 K, J, R, N = 2, 3, 1, 4
@@ -57,7 +57,7 @@ def cfg():
 
 def _client_grid(cfg) -> FakeGrid:
     """N nodes, each running the package's ClientApp for its own SOTU client."""
-    app = make_client_app(cfg)
+    app = make_client_app(config=cfg)
 
     def node(partition: int):
         context = Context(

@@ -343,15 +343,18 @@ def test_client_handler_votes_with_its_private_texts(models):
     msg = Message(
         RecordDict(
             {
-                "config": ConfigRecord({"method": "pe", "clip-norm": 0.7, "votes-k": 2}),
+                "config": ConfigRecord(
+                    {"method": "pe", "clip-norm": 0.7, "votes-k": 2, "embedder": DEFAULT_EMBEDDER}
+                ),
                 "payload": ArrayRecord({"embeddings": Array(pop)}),
             }
         ),
         dst_node_id=1,
         message_type="train",
     )
-    vec = vote(msg, cfg, 0)
-    private = embedder.embed(resources.client_texts(cfg.data, 0))
+    texts = resources.client_texts(cfg.data, 0)
+    vec = vote(msg, resources.NodeData("test-node", texts))
+    private = embedder.embed(texts)
     assert len(private) > 0
     np.testing.assert_allclose(vec, client_vote_vector(pop, private, 0.7, k=2), rtol=1e-5)
     assert np.linalg.norm(vec) <= 0.7

@@ -14,9 +14,10 @@ float64 and safe for a zero update (Flower's divides by the norm).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,6 @@ from flwr.app import Message
 
 from popri_flwr.client_apps import resources
 from popri_flwr.clipping import clip_to_norm
-from popri_flwr.config import RunConfig
 from popri_flwr.downstream import DownstreamConfig, load_tokenizer
 from popri_flwr.fedavg_update import (
     FedAvgConfig,
@@ -33,6 +33,7 @@ from popri_flwr.fedavg_update import (
     load_param_arrays,
     local_train,
 )
+from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ def _model_for(downstream: DownstreamConfig, fedavg: FedAvgConfig) -> tuple[Any,
     return _MODEL["model"], _MODEL["tokenizer"], _MODEL["fp"]
 
 
-def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+def client_seed(seed: int, server_round: int, node_key: str) -> int:
     """A distinct, reproducible torch seed per (run seed, round, client)."""
-    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+    digest = int.from_bytes(hashlib.sha256(node_key.encode()).digest()[:8], "little")
+    return int(np.random.SeedSequence([seed, server_round, digest]).generate_state(1)[0])
 
 
 def fedavg_config_from_message(config: Any) -> FedAvgConfig:
@@ -74,31 +76,37 @@ def fedavg_config_from_message(config: Any) -> FedAvgConfig:
     )
 
 
-def train_update(msg: Message, cfg: RunConfig, partition_id: int) -> np.ndarray:
+def downstream_config_from_message(config: Any) -> DownstreamConfig:
+    """The downstream model the server trains (sent with every round), on this CPU."""
+    fields = json.loads(str(config["downstream"]))
+    # Simulated clients get no GPU; the update must not depend on the server's device setting.
+    return DownstreamConfig(**{**fields, "device": "cpu"})
+
+
+def train_update(msg: Message, node: resources.NodeData) -> np.ndarray:
     """Return this client's clipped model update for the global parameters in ``msg``."""
-    config = msg.content["config"]
+    config = msg.content[PAYLOAD_CONFIG]
     clip_norm = float(config["clip-norm"])
     fedavg = fedavg_config_from_message(config)
-    # Simulated clients get no GPU; the update must not depend on the server's device setting.
-    downstream = replace(cfg.downstream, device="cpu")
+    downstream = downstream_config_from_message(config)
     model, tokenizer, fingerprint = _model_for(downstream, fedavg)
     if fingerprint != config["base-fingerprint"]:
         raise ValueError(
             "downstream: this client's frozen base model differs from the server's; both must "
             "use the same downstream settings (model, size, seed, tokenizer)"
         )
-    arrays = {name: arr.numpy() for name, arr in msg.content["payload"].items()}
+    arrays = {name: arr.numpy() for name, arr in msg.content[PAYLOAD_ARRAYS].items()}
     load_param_arrays(model, arrays)
     update = local_train(
         model,
-        resources.client_texts(cfg.data, partition_id),
+        node.texts,
         tokenizer,
         steps=fedavg.local_steps,
         epochs=fedavg.local_epochs,
         lr=fedavg.local_lr,
         batch_size=fedavg.local_batch_size,
         seq_len=int(config["seq-len"]),
-        seed=client_seed(int(config["seed"]), int(config["server-round"]), partition_id),
+        seed=client_seed(int(config["seed"]), int(config["server-round"]), node.key),
         optimizer=fedavg.local_optimizer,
     )
     if update.size != int(config["vector-length"]):

@@ -11,19 +11,17 @@ import numpy as np
 from flwr.app import Message
 
 from popri_flwr.client_apps import resources
-from popri_flwr.config import RunConfig
+from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 from popri_flwr.scoring import client_score_vector
 
 
-def score(msg: Message, cfg: RunConfig, partition_id: int) -> np.ndarray:
+def score(msg: Message, node: resources.NodeData) -> np.ndarray:
     """Return this client's clipped score vector for the samples in ``msg``."""
-    config = msg.content["config"]
-    embedder_name = str(config.get("embedder") or cfg.embedder.model)
+    config = msg.content[PAYLOAD_CONFIG]
+    embedder_name = str(config["embedder"])
     clip_norm = float(config["clip-norm"])
     if config.get("payload") == "texts":
-        texts = list(config["texts"])
-        sample_emb = resources.embedder(embedder_name).embed(texts)
+        sample_emb = resources.embedder(embedder_name).embed(list(config["texts"]))
     else:
-        sample_emb = msg.content["payload"]["embeddings"].numpy()
-    private_emb = resources.private_embeddings(cfg.data, partition_id, embedder_name)
-    return client_score_vector(sample_emb, private_emb, clip_norm)
+        sample_emb = msg.content[PAYLOAD_ARRAYS]["embeddings"].numpy()
+    return client_score_vector(sample_emb, node.embeddings(embedder_name), clip_norm)

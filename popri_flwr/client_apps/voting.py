@@ -11,19 +11,18 @@ import numpy as np
 from flwr.app import Message
 
 from popri_flwr.client_apps import resources
-from popri_flwr.config import RunConfig
+from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 from popri_flwr.voting import client_vote_vector
 
 
-def vote(msg: Message, cfg: RunConfig, partition_id: int) -> np.ndarray:
+def vote(msg: Message, node: resources.NodeData) -> np.ndarray:
     """Return this client's bounded vote vector for the population in ``msg``."""
-    config = msg.content["config"]
-    embedder_name = str(config.get("embedder") or cfg.embedder.model)
+    config = msg.content[PAYLOAD_CONFIG]
+    embedder_name = str(config["embedder"])
     clip_norm = float(config["clip-norm"])
     votes_k = int(config.get("votes-k", 1))
     if config.get("payload") == "texts":
         pop_emb = resources.embedder(embedder_name).embed(list(config["texts"]))
     else:
-        pop_emb = msg.content["payload"]["embeddings"].numpy()
-    private_emb = resources.private_embeddings(cfg.data, partition_id, embedder_name)
-    return client_vote_vector(pop_emb, private_emb, clip_norm, k=votes_k)
+        pop_emb = msg.content[PAYLOAD_ARRAYS]["embeddings"].numpy()
+    return client_vote_vector(pop_emb, node.embeddings(embedder_name), clip_norm, k=votes_k)

@@ -44,20 +44,17 @@ from popri_flwr.aggregation import check_vector, noisy_sum
 from popri_flwr.client_sampling import poisson_sample
 from popri_flwr.diagnostics import Diagnostics
 from popri_flwr.privacy import PrivacyAccountant
+from popri_flwr.protocol import (
+    IDENTITY_CONFIG,
+    IDENTITY_KEY,
+    PAYLOAD_CONFIG,
+    REPLY_METRICS,
+    reply_vector,
+)
 from popri_flwr.randomness import secret_rng, seeded_rng
 from popri_flwr.run_dir import RunDirectory
 
 logger = logging.getLogger(__name__)
-
-#: RecordDict keys of the protocol between strategies and client apps.
-PAYLOAD_CONFIG = "config"
-PAYLOAD_ARRAYS = "payload"
-REPLY_ARRAYS = "reply"
-REPLY_VECTOR = "vector"
-REPLY_METRICS = "metrics"
-#: Query message asking a node which client it serves (one node per client is enforced).
-IDENTITY_CONFIG = "identity"
-IDENTITY_KEY = "client-id"
 
 #: Marker file written into the run directory of a run whose private randomness is seeded.
 NOT_DP_MARKER = "NOT_DIFFERENTIALLY_PRIVATE.txt"
@@ -359,7 +356,7 @@ class PrivateStrategy(Strategy):
 
     def _extract_vector(self, msg: Message, dim: int) -> tuple[np.ndarray | None, str | None]:
         try:
-            vector = msg.content[REPLY_ARRAYS][REPLY_VECTOR].numpy()
+            vector = reply_vector(msg)
         except Exception as err:  # noqa: BLE001 - any malformed reply is just rejected
             return None, f"malformed reply ({type(err).__name__}: {err})"
         reason = check_vector(vector, dim, self.clip_norm)

@@ -30,6 +30,8 @@ and PE use, so equal sigma, q and rounds spend equal epsilon.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -52,7 +54,8 @@ from popri_flwr.fedavg_update import (
     server_step,
     unflatten_params,
 )
-from popri_flwr.strategies.base import PAYLOAD_ARRAYS, PAYLOAD_CONFIG, PrivateStrategy
+from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
+from popri_flwr.strategies.base import PrivateStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,7 @@ class DPFedAvgStrategy(PrivateStrategy):
                 "seq-len": self.downstream.seq_len,
                 "seed": self.seed,
                 "base-fingerprint": self.fingerprint,
+                "downstream": json.dumps(dataclasses.asdict(self.downstream)),
             }
         )
         if f.local_epochs is not None:

@@ -30,13 +30,9 @@ from popri_flwr.embedding import Embedder
 from popri_flwr.generation import Generator, SamplingParams, generate_samples
 from popri_flwr.preference import build_pairs
 from popri_flwr.prompts import build_prompts
+from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 from popri_flwr.public_set import build_public_set
-from popri_flwr.strategies.base import (
-    PAYLOAD_ARRAYS,
-    PAYLOAD_CONFIG,
-    PrivateStrategy,
-    eval_embeddings_for,
-)
+from popri_flwr.strategies.base import PrivateStrategy, eval_embeddings_for
 
 logger = logging.getLogger(__name__)
 
