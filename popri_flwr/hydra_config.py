@@ -1,6 +1,7 @@
 """Compose the Hydra config tree outside ``@hydra.main`` (``flwr run``, SuperNodes, tests).
 
-The tree lives in ``configs/`` at the repository root; ``$POPRI_CONFIG_DIR`` points elsewhere.
+The tree ships inside the package (``popri_flwr/conf/``, linked as ``configs/`` at the repository
+root), so a plain ``pip install`` has it; ``$POPRI_CONFIG_DIR`` points elsewhere.
 ``flwr run`` passes the experiment and extra overrides through its run config::
 
     flwr run . local --run-config "experiment='demo' overrides='rounds=2 privacy.epsilon=7'"
@@ -22,7 +23,7 @@ from popri_flwr.config import INF_SPELLINGS, ConfigError, RunConfig, load_run_co
 def config_dir() -> Path:
     """The directory holding ``config.yaml`` and its groups."""
     env = os.environ.get("POPRI_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    path = Path(env) if env else Path(__file__).resolve().parent / "conf"
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"POPRI_CONFIG_DIR: no config.yaml in {path}")
     return path
