@@ -88,7 +88,7 @@ class BenchmarkConfig:
         Hydra overrides shared by every run (federation, delta, rounds, q, generator, downstream
         model...). The same values define the references' data and downstream settings.
     method_overrides
-        Extra overrides per method (e.g. ``pe: [strategy.extra.population_size=96]``).
+        Extra overrides per method (e.g. ``pe: [strategy.pe.population_size=96]``).
     synthetic_size
         Number of synthetic texts the downstream LM trains on (every text-producing method).
     max_eval_texts

@@ -18,6 +18,8 @@ from typing import Any
 from popri_flwr.data import DataConfig
 from popri_flwr.downstream import DownstreamConfig
 from popri_flwr.dpo import DPOStepConfig
+from popri_flwr.fedavg_update import FedAvgConfig
+from popri_flwr.voting import PEConfig
 
 
 class ConfigError(ValueError):
@@ -89,9 +91,10 @@ class PublicSetConfig:
 class StrategyConfig:
     """Method-specific settings; ``name`` picks the strategy (one config key swaps methods).
 
-    POPri uses ``num_prompts`` (K), ``samples_per_prompt`` (J), ``reject_rank`` (r, zero-based)
-    and ``payload`` (``embeddings``: the server embeds samples and clients only do a matrix
-    product; ``texts``: clients receive and embed the texts themselves).
+    POPri uses ``num_prompts`` (K), ``samples_per_prompt`` (J), ``reject_rank`` (r, zero-based),
+    ``shots`` and ``payload`` (``embeddings``: the server embeds samples and clients only do a
+    matrix product; ``texts``: clients receive and embed the texts themselves). PE and
+    DP-FedAvg read their own typed sections, ``pe`` and ``fedavg``.
     """
 
     name: str = "popri"
@@ -100,7 +103,10 @@ class StrategyConfig:
     reject_rank: int = 4
     shots: int = 3
     payload: str = "embeddings"
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: Private Evolution's own settings (``strategy=pe``).
+    pe: PEConfig = field(default_factory=PEConfig)
+    #: DP-FedAvg's local training and server step (``strategy=dp_fedavg``).
+    fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
 
 
 @dataclass
@@ -127,9 +133,12 @@ class EvaluationConfig:
 class RunConfig:
     """Everything one run needs."""
 
+    #: Public randomness only (prompts, generation, DPO, downstream); never the noise.
     seed: int = 0
-    rounds: int = 3
+    rounds: int = 5
+    #: None: Hydra's output directory (outputs/DATE/TIME, multirun/DATE/TIME/N).
     run_dir: str | None = None
+    #: A run started again on the same run_dir continues where it stopped.
     resume: bool = True
     #: Keep un-noised statistics of the clients in ``diagnostics.jsonl`` (not released).
     #: null: on in simulation (popri-run), off under the Flower app (flwr run, deployments).

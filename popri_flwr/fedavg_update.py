@@ -21,7 +21,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ OPTIMIZERS = ("sgd", "adamw")
 # --------------------------------------------------------------------------- config
 @dataclass
 class FedAvgConfig:
-    """DP-FedAvg settings (``strategy.extra`` of ``configs/strategy/dp_fedavg.yaml``).
+    """DP-FedAvg settings (``strategy.fedavg`` in ``conf/strategy/dp_fedavg.yaml``).
 
     Parameters
     ----------
@@ -74,7 +74,7 @@ class FedAvgConfig:
     lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
-        key = "strategy.extra"
+        key = "strategy.fedavg"
         for name in ("local_steps", "local_batch_size", "lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -100,48 +100,6 @@ class FedAvgConfig:
                 f"{key}.local_optimizer: expected one of {list(OPTIMIZERS)}, "
                 f"got {self.local_optimizer!r}"
             )
-
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any]) -> FedAvgConfig:
-        """Read ``strategy.extra``; unknown keys are errors (a typo must not fall back)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(extra) - known)
-        if unknown:
-            raise ValueError(
-                f"strategy.extra.{unknown[0]}: unknown key for strategy dp_fedavg; "
-                f"expected some of {sorted(known)}"
-            )
-        values: dict[str, Any] = {}
-        for name, value in extra.items():
-            if value is None:
-                continue  # null: the default (local_epochs: steps instead of epochs)
-            if name in ("local_steps", "local_batch_size", "lora_r"):
-                value = _as_int(value, name)
-            elif name in ("local_lr", "server_lr", "lora_alpha", "local_epochs"):
-                value = _as_float(value, name)
-            else:
-                value = str(value)
-            values[name] = value
-        return cls(**values)
-
-
-def _as_int(value: Any, name: str) -> int:
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        as_float = math.nan
-    if isinstance(value, bool) or not as_float.is_integer():
-        raise ValueError(f"strategy.extra.{name}: expected an integer, got {value!r}")
-    return int(as_float)
-
-
-def _as_float(value: Any, name: str) -> float:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"strategy.extra.{name}: expected a number, got {value!r}") from None
 
 
 # --------------------------------------------------------------------------- the model
@@ -247,7 +205,7 @@ def load_param_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) 
         raise ValueError(
             "downstream: the received parameters do not match this model "
             f"(missing {missing[:3]}, unexpected {extra[:3]}); server and client must use the "
-            "same downstream and strategy.extra settings"
+            "same downstream and strategy.fedavg settings"
         )
     with torch.no_grad():
         for name, p in params:
@@ -323,7 +281,7 @@ def local_train(
         The update, unclipped, in :func:`flatten_params` order.
     """
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"strategy.extra.local_optimizer: expected one of {OPTIMIZERS}")
+        raise ValueError(f"strategy.fedavg.local_optimizer: expected one of {OPTIMIZERS}")
     old = flatten_params(model)
     texts = [t for t in texts if t and t.strip()]
     if not texts:

@@ -29,20 +29,26 @@ def config_dir() -> Path:
     return path
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Refuse ``key=NUMBER`` overrides whose number overflows to infinity (``1e999``).
+def check_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides with infinity spelled the one way Hydra reads (``inf``); overflow refused.
 
-    Hydra parses ``1e999`` as ``inf`` before the config sees it, and an infinite epsilon means
-    no privacy: infinity must be written as such (``inf`` or ``.inf``).
+    ``inf``, ``.inf`` (YAML), ``+inf``, ``Infinity`` all mean infinity. A number that overflows
+    (``1e999``) is refused: Hydra would read it as ``inf``, and an infinite epsilon means no
+    privacy, so infinity must be written as such.
     """
+    out = []
     for override in overrides:
         if "=" not in override or override.startswith(("-", "hydra.")):
+            out.append(override)
             continue
         key, value = override.split("=", 1)
+        items = []
         for item in value.strip("[]").split(","):
             text = item.strip().strip("'\"").lower()
             if text in INF_SPELLINGS or text.lstrip("-") in INF_SPELLINGS:
+                items.append("-inf" if text.startswith("-") else "inf")
                 continue
+            items.append(item)
             try:
                 number = float(text)
             except ValueError:
@@ -52,6 +58,23 @@ def check_overrides(overrides: Sequence[str]) -> None:
                     f"{key.lstrip('+~')}: {item.strip()!r} overflows to infinity; write inf "
                     "(or .inf) if you mean no privacy"
                 )
+        joined = ",".join(items)
+        out.append(f"{key}=[{joined}]" if value.startswith("[") else f"{key}={joined}")
+    return out
+
+
+SCHEMA = "popri_schema"
+
+
+def register_schema() -> None:
+    """Register :class:`RunConfig` as the schema ``popri_schema`` of ``config.yaml``.
+
+    The dataclasses hold every default (one place); Hydra then also checks keys and types
+    while composing.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA, node=RunConfig)
 
 
 def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -65,16 +88,48 @@ def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     if not OmegaConf.has_resolver("popri_or"):
         OmegaConf.register_new_resolver("popri_or", lambda a, b: b if a in (None, "") else a)
-    check_overrides(overrides)
+    overrides = check_overrides(overrides)
+    register_schema()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"overrides: {err}".splitlines()[0]) from None
+        raise schema_error(err) from None
     data = OmegaConf.to_container(cfg, resolve=False)
     data.pop("hydra", None)
     return OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+
+
+def schema_error(err: Exception) -> ConfigError:
+    """One line naming the key, from a Hydra/OmegaConf composition error."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    while err.__cause__ is not None and not getattr(err, "full_key", None):
+        err = err.__cause__  # Hydra wraps OmegaConf's error ("Error merging override ...")
+    first = str(err).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
+        return ConfigError(f"{key}: unknown key ({first})")
+    if isinstance(err, ValidationError) and key:
+        return ConfigError(f"{key}: expected {_type_name(err)}, got {getattr(err, 'value', '?')!r}")
+    return ConfigError(f"overrides: {first}")
+
+
+def _type_name(err: Exception) -> str:
+    ref = getattr(err, "ref_type", None) or getattr(err, "object_type", None)
+    text = str(err)
+    for name, short in (
+        ("Integer", "int"),
+        ("Float", "float"),
+        ("Boolean", "bool"),
+        ("String", "str"),
+    ):
+        if f"to {name}" in text:
+            return short
+    if "valid bool" in text:
+        return "bool"
+    return getattr(ref, "__name__", str(ref)) if ref else "another type"
 
 
 def load_config(overrides: Sequence[str] = ()) -> RunConfig:

@@ -21,9 +21,7 @@ Pure numpy; no Flower import (the strategy and the client app wrap these functio
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -34,12 +32,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PEConfig:
-    """Private Evolution settings (``strategy.extra`` of ``configs/strategy/pe.yaml``).
+    """Private Evolution settings (``strategy.pe`` in ``conf/strategy/pe.yaml``).
 
     Parameters
     ----------
     population_size
-        M, synthetic texts per round (and the size of the final synthetic set).
+        M, synthetic texts per round (and the size of the final synthetic set); ``None``:
+        ``num_prompts * samples_per_prompt``, the number of texts POPri generates per round.
     keep_fraction
         Share of the population kept each round by noisy votes, in (0, 1); the rest is replaced
         by variations of the kept texts.
@@ -47,80 +46,41 @@ class PEConfig:
         Each private text votes for its ``votes_k`` nearest members with weight ``1/votes_k``.
     """
 
-    population_size: int
+    population_size: int | None = None
     keep_fraction: float = 0.5
     votes_k: int = 1
 
     def __post_init__(self) -> None:
-        key = "strategy.extra"
-        if isinstance(self.population_size, bool) or not isinstance(
-            self.population_size, int | np.integer
-        ):
-            raise ValueError(
-                f"{key}.population_size: expected an integer, got {self.population_size!r}"
-            )
-        if self.population_size < 2:
-            raise ValueError(f"{key}.population_size: must be >= 2, got {self.population_size}")
-        if not isinstance(self.keep_fraction, int | float) or not 0 < self.keep_fraction < 1:
+        key = "strategy.pe"
+        size = self.population_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int | np.integer)):
+            raise ValueError(f"{key}.population_size: expected an integer, got {size!r}")
+        if size is not None and size < 2:
+            raise ValueError(f"{key}.population_size: must be >= 2, got {size}")
+        if isinstance(self.keep_fraction, bool) or not isinstance(self.keep_fraction, int | float):
+            raise ValueError(f"{key}.keep_fraction: expected a number, got {self.keep_fraction!r}")
+        if not 0 < self.keep_fraction < 1:
             raise ValueError(f"{key}.keep_fraction: must be in (0, 1), got {self.keep_fraction!r}")
         if isinstance(self.votes_k, bool) or not isinstance(self.votes_k, int | np.integer):
             raise ValueError(f"{key}.votes_k: expected an integer, got {self.votes_k!r}")
-        if not 1 <= self.votes_k <= self.population_size:
+        if self.votes_k < 1 or (size is not None and self.votes_k > size):
             raise ValueError(
-                f"{key}.votes_k: must be in [1, population_size={self.population_size}], "
-                f"got {self.votes_k}"
+                f"{key}.votes_k: must be in [1, population_size={size}], got {self.votes_k}"
             )
-        self.population_size, self.votes_k = int(self.population_size), int(self.votes_k)
-        self.keep_fraction = float(self.keep_fraction)
+        self.population_size = None if size is None else int(size)
+        self.votes_k, self.keep_fraction = int(self.votes_k), float(self.keep_fraction)
 
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any], default_population: int) -> PEConfig:
-        """Read ``strategy.extra``; ``population_size`` null/absent -> ``default_population``.
-
-        Unknown keys are errors (a typo must not silently fall back to a default).
-        """
-        known = {"population_size", "keep_fraction", "votes_k"}
-        unknown = sorted(set(extra) - known)
-        if unknown:
-            raise ValueError(
-                f"strategy.extra.{unknown[0]}: unknown key for strategy pe; "
-                f"expected some of {sorted(known)}"
-            )
-        size = extra.get("population_size")
-        if size is not None:
-            size = _as_int(size, "population_size")
-        values = {
-            "population_size": default_population if size is None else size,
-            "keep_fraction": _as_float(extra.get("keep_fraction", 0.5), "keep_fraction"),
-            "votes_k": _as_int(extra.get("votes_k", 1), "votes_k"),
-        }
-        return cls(**values)
+    def resolved(self, default_population: int) -> PEConfig:
+        """A copy whose ``population_size`` is set (``default_population`` if it was None)."""
+        size = self.population_size if self.population_size is not None else default_population
+        return PEConfig(size, self.keep_fraction, self.votes_k)
 
     @property
     def num_kept(self) -> int:
         """Members kept per round: ``round(keep_fraction * M)``, at least 1 and at most M - 1."""
+        if self.population_size is None:
+            raise ValueError("strategy.pe.population_size: not resolved (call resolved())")
         return num_kept(self.population_size, self.keep_fraction)
-
-
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"strategy.extra.{name}: expected an integer, got {value!r}")
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"strategy.extra.{name}: expected an integer, got {value!r}") from None
-    if not as_float.is_integer():
-        raise ValueError(f"strategy.extra.{name}: expected an integer, got {value!r}")
-    return int(as_float)
-
-
-def _as_float(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"strategy.extra.{name}: expected a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"strategy.extra.{name}: expected a number, got {value!r}") from None
 
 
 def num_kept(population_size: int, keep_fraction: float) -> int:
@@ -150,7 +110,7 @@ def vote_counts(pop_emb: np.ndarray, private_emb: np.ndarray, k: int = 1) -> np.
         raise ValueError("voting: embeddings must be 2-d arrays")
     m = len(pop_emb)
     if not 1 <= k <= m:
-        raise ValueError(f"strategy.extra.votes_k: must be in [1, {m}], got {k}")
+        raise ValueError(f"strategy.pe.votes_k: must be in [1, {m}], got {k}")
     counts = np.zeros(m, dtype=np.float64)
     if len(private_emb) == 0:
         return counts

@@ -41,8 +41,8 @@ from popri_flwr.hydra_config import load_config
 from popri_flwr.privacy import PrivacyAccountant, compute_epsilon
 from popri_flwr.protocol import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.run_dir import RunDirectory
-from popri_flwr.server_app import build_strategy, make_accountant
 from popri_flwr.strategies.dp_fedavg import DPFedAvgStrategy, evaluate_run_dir
+from popri_flwr.strategies.factory import build_strategy, make_accountant
 
 TINY = [
     "strategy=dp_fedavg",
@@ -53,8 +53,8 @@ TINY = [
     "downstream.n_embd=32",
     "downstream.seq_len=24",
     "downstream.batch_size=8",
-    "strategy.extra.local_steps=2",
-    "strategy.extra.local_batch_size=4",
+    "strategy.fedavg.local_steps=2",
+    "strategy.fedavg.local_batch_size=4",
     "evaluation.max_eval_texts=8",
     "privacy.noise_multiplier=2.0",
     "privacy.epsilon=100",
@@ -201,33 +201,32 @@ def test_server_step_is_release_over_q_n():
 
 # --------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
-    ("extra", "key"),
+    ("override", "key"),
     [
-        ({"local_steps": 0}, "local_steps"),
-        ({"local_steps": 2.5}, "local_steps"),
-        ({"local_lr": 0}, "local_lr"),
-        ({"local_lr": -1e-3}, "local_lr"),
-        ({"server_lr": "fast"}, "server_lr"),
-        ({"local_batch_size": 0}, "local_batch_size"),
-        ({"local_epochs": 0}, "local_epochs"),
-        ({"train_mode": "adapter"}, "train_mode"),
-        ({"local_optimizer": "lbfgs"}, "local_optimizer"),
-        ({"lora_r": 0}, "lora_r"),
-        ({"local_step": 3}, "local_step"),  # typo: unknown key
+        ("local_steps=0", "local_steps"),
+        ("local_steps=2.5", "local_steps"),
+        ("local_lr=0", "local_lr"),
+        ("local_lr=-1e-3", "local_lr"),
+        ("server_lr=fast", "server_lr"),
+        ("local_batch_size=0", "local_batch_size"),
+        ("local_epochs=0", "local_epochs"),
+        ("train_mode=adapter", "train_mode"),
+        ("local_optimizer=lbfgs", "local_optimizer"),
+        ("lora_r=0", "lora_r"),
+        ("+strategy.fedavg.local_step=3", "local_step"),  # typo: unknown key
     ],
 )
-def test_bad_extra_names_its_key(extra, key):
-    with pytest.raises(ValueError, match=rf"^strategy\.extra\.{key}:"):
-        FedAvgConfig.from_extra(extra)
+def test_bad_fedavg_config_names_its_key(override, key):
+    arg = override if override.startswith("+") else f"strategy.fedavg.{override}"
+    with pytest.raises(ConfigError, match=rf"^strategy\.fedavg\.{key}:"):
+        load_config(["strategy=dp_fedavg", arg])
 
 
 def test_config_errors_at_load_time():
-    with pytest.raises(ConfigError, match=r"^strategy\.extra\.local_steps:"):
-        load_config(["strategy=dp_fedavg", "strategy.extra.local_steps=0"])
     with pytest.raises(ConfigError, match=r"^privacy\.clip_norm:"):
         load_config(["strategy=dp_fedavg", "privacy.clip_norm=0"])
     cfg = load_config(["strategy=dp_fedavg"])  # the shipped defaults are valid
-    assert FedAvgConfig.from_extra(cfg.strategy.extra).local_steps >= 1
+    assert cfg.strategy.fedavg.local_steps >= 1
 
 
 def test_same_accountant_for_every_method():
@@ -329,7 +328,7 @@ def test_rounds_with_real_clients_resume_and_evaluate(tmp_path, cfg, federation)
 def test_lora_round_sends_only_the_adapter(tmp_path, cfg, federation):
     run = tmp_path / "lora"
     s = build_strategy(
-        load_config([*TINY, "strategy.extra.train_mode=lora", "rounds=1", f"run_dir={run}"]),
+        load_config([*TINY, "strategy.fedavg.train_mode=lora", "rounds=1", f"run_dir={run}"]),
         federation,
     )
     w0 = s.global_vector.copy()

@@ -1,86 +1,30 @@
-"""The same app through Flower's own tooling: `flwr run .` (simulation) and a real deployment.
+"""The package's own app through Flower's tooling: `flwr run .` and a real deployment.
 
-Both start real Flower processes on loopback and judge success by the run's status
-(`flwr ls --format json`), never by `flwr run`'s exit code (it is 0 even if the ServerApp
-crashes), and by the run directory the ServerApp wrote.
+Both start real Flower processes on loopback (tests/flower_processes.py) and judge success by
+the run's status and by the run directory the ServerApp wrote.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from conftest import REPO
+from flower_processes import (
+    deployment,
+    flower_env,
+    flwr_run,
+    flwr_run_deployed,
+    kill_processes_of,
+    run_status,
+)
 
-BIN = Path(sys.executable).parent
 OVERRIDES = (
     "data.max_clients={n} simulation.num_supernodes={n} privacy.sample_rate={q} "
     "privacy.epsilon=50 strategy.num_prompts=2 strategy.samples_per_prompt=3 "
     "strategy.reject_rank=1 public_set.size=4 public_set.max_new_tokens=24 "
     "generation.max_new_tokens=12 dpo.per_device_batch_size=2 evaluation.max_eval_texts=40"
 )
-
-
-def _env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        FLWR_HOME=str(flwr_home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        HF_HUB_OFFLINE="1",
-    )
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _run_status(connection: str, env: dict[str, str]) -> str:
-    out = subprocess.run(
-        [str(BIN / "flwr"), "ls", connection, "--format", "json"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    runs = json.loads(out.stdout)["runs"]
-    assert len(runs) == 1, out.stdout
-    return runs[0]["status"]
-
-
-def _flwr_run(connection: str, run_config: str, env: dict, extra: list[str]) -> str:
-    proc = subprocess.run(
-        [str(BIN / "flwr"), "run", ".", connection, "--stream", "--run-config", run_config, *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return proc.stdout + proc.stderr
 
 
 def _check_run_dir(out: Path) -> None:
@@ -91,38 +35,19 @@ def _check_run_dir(out: Path) -> None:
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
-def _kill_processes_of(flwr_home: Path) -> None:
-    """End the processes this test started (they carry its FLWR_HOME), and no others."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
 def test_flwr_run_simulation(tmp_path):
-    env, out = _env(tmp_path / "flwr_home"), tmp_path / "run"
+    env, out = flower_env(tmp_path / "flwr_home"), tmp_path / "run"
     run_config = (
         f"experiment='demo' num-server-rounds=1 output-dir='{out}' "
         f"overrides='{OVERRIDES.format(n=8, q=0.5)} diagnostics=true'"
     )
     try:
-        log = _flwr_run(
-            "local",
-            run_config,
-            env,
-            ["--federation-config", "num-supernodes=8 client-resources-num-cpus=1"],
-        )
-        status = _run_status("local", env)
+        federation = ["--federation-config", "num-supernodes=8 client-resources-num-cpus=1"]
+        log = flwr_run(REPO, "local", run_config, env, federation)
+        status = run_status(REPO, "local", env)
     finally:
         # `flwr run` leaves a detached local SuperLink (and its workers) behind: stop them.
-        _kill_processes_of(tmp_path / "flwr_home")
+        kill_processes_of(tmp_path / "flwr_home")
     assert status == "finished:completed", log[-3000:]
     _check_run_dir(out)
     (diag,) = [json.loads(x) for x in (out / "diagnostics.jsonl").read_text().splitlines()[1:]]
@@ -130,71 +55,32 @@ def test_flwr_run_simulation(tmp_path):
 
 
 def test_deployment_superlink_and_supernodes_on_loopback(tmp_path):
-    home, out, n = tmp_path / "flwr_home", tmp_path / "run", 3
-    home.mkdir()
-    port = _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    env = _env(home)
-    procs = [
-        subprocess.Popen(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                str(tmp_path / "state.db"),
-            ],
-            cwd=tmp_path,
-            env=env,
-            start_new_session=True,
-            stdout=open(tmp_path / "superlink.log", "w"),  # noqa: SIM115 - lives with the process
-            stderr=subprocess.STDOUT,
-        )
-    ]
-    try:
-        for i in range(n):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(BIN / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{port}",
-                        "--port",
-                        str(_free_port()),
-                        "--node-config",
-                        f"partition-id={i} num-partitions={n}",
-                    ],
-                    cwd=tmp_path,
-                    env=env,
-                    start_new_session=True,
-                    stdout=open(tmp_path / f"node{i}.log", "w"),  # noqa: SIM115
-                    stderr=subprocess.STDOUT,
-                )
-            )
+    out, n = tmp_path / "run", 3
+    nodes = [f"partition-id={i} num-partitions={n}" for i in range(n)]
+    with deployment(tmp_path, nodes) as env:
         # The strategy itself waits until all n nodes are registered before sampling.
         run_config = (
             f"experiment='demo' num-server-rounds=1 output-dir='{out}' "
             f"overrides='{OVERRIDES.format(n=n, q=1.0)}'"
         )
-        deadline = time.monotonic() + 60
-        while True:  # the SuperLink needs a moment to accept connections
-            log = _flwr_run("deploy", run_config, env, [])
-            if "Successfully started run" in log or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        status = _run_status("deploy", env)
-        assert status == "finished:completed", log[-3000:]
-        _check_run_dir(out)
-        # A deployment keeps no diagnostics unless asked: nothing un-noised in the run dir.
-        assert not (out / "diagnostics.jsonl").exists()
-    finally:
-        for p in reversed(procs):
-            _kill_group(p)
-        _kill_processes_of(home)
+        log = flwr_run_deployed(REPO, run_config, env)
+        status = run_status(REPO, "deploy", env)
+    assert status == "finished:completed", log[-3000:]
+    _check_run_dir(out)
+    # A deployment keeps no diagnostics unless asked: nothing un-noised in the run dir.
+    assert not (out / "diagnostics.jsonl").exists()
+
+
+def test_two_supernodes_serving_one_client_are_refused(tmp_path):
+    out = tmp_path / "run"
+    nodes = ["partition-id=0 num-partitions=2", "partition-id=0 num-partitions=2"]
+    with deployment(tmp_path, nodes) as env:
+        run_config = (
+            f"experiment='demo' num-server-rounds=1 output-dir='{out}' "
+            f"overrides='{OVERRIDES.format(n=2, q=1.0)}'"
+        )
+        log = flwr_run_deployed(REPO, run_config, env)
+        status = run_status(REPO, "deploy", env)
+    assert status.startswith("finished:failed"), status
+    assert "both serve client 'partition-0'" in log, log[-3000:]
+    assert not (out / "rounds.jsonl").exists() and not (out / "state.json").exists()

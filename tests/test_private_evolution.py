@@ -118,7 +118,7 @@ def test_vote_rejects_mismatched_embedders_and_bad_k():
     pop = _unit(np.ones((4, 3)))
     with pytest.raises(ValueError, match="embedding dims differ"):
         vote_counts(pop, _unit(np.ones((2, 5))))
-    with pytest.raises(ValueError, match="strategy.extra.votes_k"):
+    with pytest.raises(ValueError, match="strategy.pe.votes_k"):
         vote_counts(pop, _unit(np.ones((2, 3))), k=5)
 
 
@@ -130,21 +130,25 @@ def test_selection_and_refill_plan():
 
 
 @pytest.mark.parametrize(
-    ("extra", "key"),
+    ("override", "key"),
     [
-        ({"keep_fraction": 0.0}, r"strategy.extra.keep_fraction: must be in \(0, 1\)"),
-        ({"keep_fraction": 1.0}, r"strategy.extra.keep_fraction: must be in \(0, 1\)"),
-        ({"keep_fraction": "half"}, "strategy.extra.keep_fraction: expected a number"),
-        ({"votes_k": 0}, r"strategy.extra.votes_k: must be in \[1, population_size=10\]"),
-        ({"votes_k": 11}, r"strategy.extra.votes_k: must be in \[1, population_size=10\]"),
-        ({"votes_k": 1.5}, "strategy.extra.votes_k: expected an integer"),
-        ({"population_size": 1}, "strategy.extra.population_size: must be >= 2"),
-        ({"keep_fracton": 0.5}, "strategy.extra.keep_fracton: unknown key for strategy pe"),
+        ("keep_fraction=0.0", r"strategy.pe.keep_fraction: must be in \(0, 1\)"),
+        ("keep_fraction=1.0", r"strategy.pe.keep_fraction: must be in \(0, 1\)"),
+        ("keep_fraction=half", "strategy.pe.keep_fraction: expected float"),
+        ("votes_k=0", r"strategy.pe.votes_k: must be in \[1, population_size=10\]"),
+        ("votes_k=11", r"strategy.pe.votes_k: must be in \[1, population_size=10\]"),
+        ("votes_k=1.5", "strategy.pe.votes_k: expected int"),
+        ("population_size=1", "strategy.pe.population_size: must be >= 2"),
     ],
 )
-def test_bad_pe_config_names_the_key(extra, key):
+def test_bad_pe_config_names_the_key(override, key):
+    from popri_flwr.hydra_config import load_config
+
+    size = [] if override.startswith("population_size") else ["strategy.pe.population_size=10"]
     with pytest.raises(ValueError, match=f"^{key}"):
-        PEConfig.from_extra(extra, default_population=10)
+        load_config(["experiment=demo", "strategy=pe", *size, f"strategy.pe.{override}"])
+    with pytest.raises(ValueError, match="^strategy.pe.keep_fracton: unknown key"):
+        load_config(["strategy=pe", "+strategy.pe.keep_fracton=0.5"])
 
 
 def test_pe_yaml_composes_with_the_demo_preset_and_fails_early():
@@ -153,16 +157,16 @@ def test_pe_yaml_composes_with_the_demo_preset_and_fails_early():
     cfg = load_config(["experiment=demo", "strategy=pe"])
     s = cfg.strategy
     assert s.name == "pe" and strategy_class("pe") is PrivateEvolutionStrategy
-    pe = PEConfig.from_extra(s.extra, s.num_prompts * s.samples_per_prompt)
+    pe = s.pe.resolved(s.num_prompts * s.samples_per_prompt)
     # Same number of generated texts per round as POPri with the demo's K and J.
     popri = load_config(["experiment=demo"]).strategy
     assert pe.population_size == popri.num_prompts * popri.samples_per_prompt
     assert pe.keep_fraction == 0.5 and pe.votes_k == 1
-    # Rejected when the config is loaded, before any model (the strategy's own check).
-    with pytest.raises(ValueError, match="^strategy.extra.keep_fraction"):
-        load_config(["experiment=demo", "strategy=pe", "strategy.extra.keep_fraction=1.5"])
-    with pytest.raises(ValueError, match="^strategy.extra.keep_fraction"):
-        PEConfig.from_extra({"keep_fraction": 1.5}, 96)
+    # votes_k against the resolved population is checked when the config is loaded.
+    with pytest.raises(ValueError, match="^strategy.pe.votes_k"):
+        load_config(["experiment=demo", "strategy=pe", "strategy.pe.votes_k=97"])
+    with pytest.raises(ValueError, match="^strategy.pe.keep_fraction"):
+        PEConfig(keep_fraction=1.5)
 
 
 # --------------------------------------------------------------------------- models

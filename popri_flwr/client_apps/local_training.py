@@ -62,7 +62,7 @@ def client_seed(seed: int, server_round: int, node_key: str) -> int:
 
 
 def fedavg_config_from_message(config: Any) -> FedAvgConfig:
-    """The local-training settings the server sent (``strategy.extra`` on the server)."""
+    """The local-training settings the server sent (``strategy.fedavg`` on the server)."""
     epochs = config.get("local-epochs")
     return FedAvgConfig(
         local_steps=int(config["local-steps"]),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
 
@@ -96,6 +96,9 @@ class PhaseTimer:
 
 
 class PrivateStrategy(Strategy):
+    #: The ``strategy.name`` this class is registered under (set by subclasses).
+    method: str = ""
+
     """Base class: Poisson sampling, validated replies, Gaussian noise, accounting, resume.
 
     Parameters
@@ -160,6 +163,28 @@ class PrivateStrategy(Strategy):
     def differentially_private(self) -> bool:
         """False for a run without noise (epsilon = inf) or with seeded (debug) noise."""
         return self.debug_noise_seed is None and self.accountant.noise_multiplier > 0
+
+    @classmethod
+    def create(
+        cls, *, num_clients: int, run_dir: str, rounds: int = 3, **sections: Any
+    ) -> PrivateStrategy:
+        """Build this strategy, its models and accountant from plain values.
+
+        Example::
+
+            strategy = PopriStrategy.create(
+                num_clients=100, run_dir="outputs/popri", rounds=3,
+                privacy={"epsilon": 1.0, "sample_rate": 0.1},
+                strategy={"num_prompts": 16, "samples_per_prompt": 6, "reject_rank": 3},
+            )
+
+        See :func:`popri_flwr.strategies.factory.create_strategy` for the sections.
+        """
+        from popri_flwr.strategies.factory import create_strategy
+
+        return create_strategy(
+            cls.method, num_clients=num_clients, run_dir=run_dir, rounds=rounds, **sections
+        )
 
     # ---------------------------------------------------------------- hooks for subclasses
     def prepare(self, finished_round: int) -> None:
@@ -278,6 +303,8 @@ class PrivateStrategy(Strategy):
         node_ids = self.sample_nodes(grid, server_round)
         record = self.train_payload(server_round)
         cfg = record.get(PAYLOAD_CONFIG, ConfigRecord())
+        for key, value in (getattr(self, "_train_config", None) or {}).items():
+            cfg[key] = value
         cfg["server-round"] = server_round
         cfg["clip-norm"] = self.clip_norm
         cfg["vector-length"] = self.vector_length(server_round)
@@ -387,21 +414,53 @@ class PrivateStrategy(Strategy):
         )
 
     # ---------------------------------------------------------------- the loop
-    def start(  # type: ignore[override]
+    def final_arrays(self) -> ArrayRecord:
+        """What :attr:`Result.arrays` holds after the run (default: nothing; see subclasses)."""
+        return ArrayRecord()
+
+    def start(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord | None = None,
         num_rounds: int = 3,
         timeout: float | None = None,
-        **_: Any,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
         """Run (or resume) ``num_rounds`` rounds; stops early rather than overspend.
 
-        Unlike :meth:`flwr.serverapp.strategy.Strategy.start`, this loop resumes from the run
-        directory, checks the privacy budget before each round, persists every release before
-        using it, and writes one log line per round.
+        Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` contract, plus what a private
+        run needs: it resumes from the run directory, checks the privacy budget before each
+        round, persists every release before using it, and writes one line per round.
+
+        Parameters
+        ----------
+        grid
+            The Flower Grid.
+        initial_arrays
+            Unused: POPri and PE send synthetic samples, DP-FedAvg its own model.
+        num_rounds
+            Rounds to reach (counting rounds finished before a resume).
+        timeout
+            Seconds to wait for replies (default: ``round_timeout``).
+        train_config
+            Extra public settings sent to every sampled client with each round's payload.
+        evaluate_config
+            Unused: there is no federated evaluation (clients only return their vector).
+        evaluate_fn
+            ``evaluate_fn(round, arrays)`` after each round on :meth:`final_arrays`; its metrics
+            go to ``Result.evaluate_metrics_serverapp``. If it reads private data, its output is
+            a diagnostic, not part of the release.
+
+        Returns
+        -------
+        Result
+            ``arrays`` (:meth:`final_arrays`), the released round metrics per round
+            (``train_metrics_clientapp``) and ``evaluate_fn``'s metrics.
         """
         timeout = self.round_timeout if timeout is None else timeout
+        self._train_config = train_config
         self.run_dir.check_accounted()  # a lost state.json must not mean spending again
         self.summary()
         self._mark_if_not_private()
@@ -479,6 +538,11 @@ class PrivateStrategy(Strategy):
                 {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
             )
             self.log_round(record, num_rounds)
+            if evaluate_fn is not None:
+                metrics = evaluate_fn(rnd, self.final_arrays())
+                if metrics is not None:
+                    result.evaluate_metrics_serverapp[rnd] = metrics
+        result.arrays = self.final_arrays()
         return result
 
     def _mark_if_not_private(self) -> None:

@@ -113,19 +113,14 @@ class DPFedAvgStrategy(PrivateStrategy):
         )
 
     @classmethod
-    def validate_config(cls, cfg: Any) -> None:
-        """Check ``strategy.extra`` when the config is loaded (before any work)."""
-        FedAvgConfig.from_extra(cfg.strategy.extra or {})
-
-    @classmethod
     def from_config(cls, cfg: Any, *, federation: Any, **common: Any) -> DPFedAvgStrategy:
         """Build the downstream model and the strategy from a :class:`~popri_flwr.config.RunConfig`.
 
-        ``strategy.extra`` carries :class:`~popri_flwr.fedavg_update.FedAvgConfig`'s keys.
+        ``strategy.fedavg`` is a :class:`~popri_flwr.fedavg_update.FedAvgConfig`.
         """
         from popri_flwr.model_loading import resolve_device
 
-        fedavg = FedAvgConfig.from_extra(cfg.strategy.extra or {})
+        fedavg = cfg.strategy.fedavg
         tokenizer = load_tokenizer(cfg.downstream)
         model = build_fedavg_model(cfg.downstream, tokenizer, fedavg)
         model.to(resolve_device(cfg.downstream.device))
@@ -264,9 +259,13 @@ class DPFedAvgStrategy(PrivateStrategy):
         return {"global_model_round": server_round}
 
     # ---------------------------------------------------------------- the end
-    def start(self, grid: Any, initial_arrays: Any = None, num_rounds: int = 3, **kw: Any):  # type: ignore[override]
-        """Run the rounds (see the base class), then export the final model and its accuracy."""
-        result = super().start(grid, initial_arrays, num_rounds, **kw)
+    def final_arrays(self) -> ArrayRecord:
+        """The global model's trainable parameters (whole model, or the LoRA adapter)."""
+        return ArrayRecord({k: Array(v) for k, v in param_arrays(self.model).items()})
+
+    def start(self, grid: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the rounds (see the base class), then export the final model."""
+        result = super().start(grid, *args, **kwargs)
         self.export_final()
         return result
 
@@ -384,7 +383,7 @@ def evaluate_run_dir(
     texts = [t for t in eval_texts if t and t.strip()]
     if not texts:
         raise ValueError("eval_texts: no non-blank evaluation texts")
-    fedavg = FedAvgConfig.from_extra(cfg.strategy.extra or {})
+    fedavg = cfg.strategy.fedavg
     tokenizer = load_tokenizer(cfg.downstream)
     model = build_fedavg_model(cfg.downstream, tokenizer, fedavg)
     rnd, path = latest_checkpoint(run_dir)

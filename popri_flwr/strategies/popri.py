@@ -316,6 +316,13 @@ class PopriStrategy(PrivateStrategy):
             "fid_next": fid(self.sample_emb, self.eval_embeddings),
         }
 
+    def final_arrays(self) -> ArrayRecord:
+        """The trained LoRA adapter's weights (PEFT names), as released."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.dpo.model)
+        return ArrayRecord({k: Array(v.detach().cpu().float().numpy()) for k, v in state.items()})
+
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, server_round: int) -> dict[str, Any]:
         """Save the adapter + optimizer as ``adapter/`` (the previous one kept until done)."""

@@ -194,15 +194,15 @@ class PrivateEvolutionStrategy(PrivateStrategy):
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
-        """Check ``strategy.extra`` when the config is loaded (before any work)."""
+        """Check ``strategy.pe`` against the population when the config is loaded."""
         s = cfg.strategy
-        PEConfig.from_extra(s.extra or {}, s.num_prompts * s.samples_per_prompt)
+        s.pe.resolved(s.num_prompts * s.samples_per_prompt)  # votes_k <= M, ...
 
     @classmethod
     def from_config(cls, cfg: Any, *, federation: Any, **common: Any) -> PrivateEvolutionStrategy:
         """Build the generator, embedder and strategy from a :class:`~popri_flwr.config.RunConfig`.
 
-        ``strategy.extra`` carries ``population_size`` (null: ``num_prompts *
+        ``strategy.pe`` carries ``population_size`` (null: ``num_prompts *
         samples_per_prompt``, the number of texts POPri generates per round), ``keep_fraction``
         and ``votes_k``.
         """
@@ -211,7 +211,7 @@ class PrivateEvolutionStrategy(PrivateStrategy):
 
         g, s = cfg.generation, cfg.strategy
         # Validate before loading any model.
-        pe = PEConfig.from_extra(s.extra or {}, s.num_prompts * s.samples_per_prompt)
+        pe = s.pe.resolved(s.num_prompts * s.samples_per_prompt)
         generator = generator_from_config(g)
         embedder = get_embedder(cfg.embedder.model, cfg.embedder.device)
         return cls(
