@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from popri_flwr.config import ConfigError, RunConfig
+from popri_flwr.run_dir import read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def pe_synthetic(run_dir: Path, n: int) -> list[str]:
     """PE's final population (``samples/round_{R+1}.jsonl``), expanded by variations to ``n``."""
     from popri_flwr.generation import SamplingParams, generator_from_config
     from popri_flwr.run_dir import RunDirectory
-    from popri_flwr.strategies.private_evolution import expand_population
+    from popri_flwr.variations import expand_population
 
     out = _synthetic_path(run_dir)
     if out.exists():
@@ -279,7 +280,7 @@ def pe_synthetic(run_dir: Path, n: int) -> list[str]:
         if len(rows) >= n:
             return [r["text"] for r in rows[:n]]
     rd = RunDirectory(run_dir)
-    cfg = _run_config(run_dir)
+    cfg = read_run_config(run_dir)
     final = rd.samples_path(rd.finished_rounds() + 1)
     if not final.exists():
         raise FileNotFoundError(f"{final}: PE's final population is missing (run not finished?)")
@@ -297,17 +298,6 @@ def _synthetic_path(run_dir: Path) -> Path:
     from popri_flwr.run_dir import RunDirectory
 
     return run_dir / f"synthetic_round{RunDirectory(run_dir).finished_rounds():03d}.jsonl"
-
-
-def _run_config(run_dir: Path) -> RunConfig:
-    import yaml
-
-    from popri_flwr.config import load_run_config
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a run directory (no config.yaml)")
-    return load_run_config(yaml.safe_load(path.read_text()))
 
 
 def run_costs(run_dir: Path) -> dict[str, float]:

@@ -9,9 +9,11 @@ first load saves a plain fp32 copy under a cache directory and every later load 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +166,83 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but no CUDA GPU is visible")
     return device
+
+
+def load_generator_model(
+    model_name: str,
+    adapter_path: str | Path | None,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+) -> tuple[Any, Any]:
+    """Base model with the LoRA adapter folded into its weights (or the base alone).
+
+    Parameters
+    ----------
+    model_name
+        ``generation.model`` of the run (``packaged:...``, Hub id or directory).
+    adapter_path
+        A PEFT adapter directory, or None for the base model.
+    device, cache_dir
+        See :func:`popri_flwr.model_loading.load_causal_lm`.
+
+    Returns
+    -------
+    tuple
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises
+    ------
+    ValueError
+        ``"<adapter>: adapter does not match base model <name>: ..."`` when the adapter was
+        trained on a model of another architecture or size (missing modules, other shapes,
+        weights for only some of the modules).
+    """
+    model, tokenizer = load_causal_lm(model_name, device=device, cache_dir=cache_dir)
+    if adapter_path is None:
+        return model, tokenizer
+    adapter_path = Path(adapter_path)
+    config_path = adapter_path / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{adapter_path}: no adapter_config.json; not a PEFT adapter directory")
+    _warn_on_other_base(adapter_path, config_path, model)
+
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    def mismatch(reason: str) -> ValueError:
+        return ValueError(
+            f"{adapter_path}: adapter does not match base model {model_name}: {reason}"
+        )
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_path))
+        saved = set(load_peft_weights(str(adapter_path), device="cpu"))
+    except Exception as err:  # noqa: BLE001 - PEFT raises ValueError, RuntimeError, KeyError...
+        lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+        detail = "; ".join(lines[:2]) or type(err).__name__
+        raise mismatch(f"{type(err).__name__}: {detail}") from err
+    expected = set(get_peft_model_state_dict(peft_model))
+    missing = sorted(expected - saved)
+    if missing:
+        # PEFT only warns here (e.g. an adapter of a shallower model): the policy would be a
+        # different model than the run's, so refuse.
+        raise mismatch(
+            f"the adapter has no weights for {len(missing)} of the model's {len(expected)} LoRA "
+            f"tensors (e.g. {missing[0]})"
+        )
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return merged, tokenizer
+
+
+def _warn_on_other_base(adapter_path: Path, config_path: Path, model: Any) -> None:
+    """Log when the adapter names another base (paths differ across machines: not an error)."""
+    try:
+        base = json.loads(config_path.read_text()).get("base_model_name_or_path") or ""
+    except json.JSONDecodeError:
+        raise ValueError(f"{config_path}: not valid JSON") from None
+    ours = str(getattr(model.config, "_name_or_path", "") or "")
+    if base and ours and Path(base).name != Path(ours).name:
+        logger.warning(
+            "%s: adapter was trained on %s, loading it onto %s", adapter_path, base, ours
+        )

@@ -30,12 +30,15 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from popri_flwr.config import ConfigError
+
+if TYPE_CHECKING:
+    from popri_flwr.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +288,76 @@ class RunDirectory:
     @staticmethod
     def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+
+
+# --- reading a finished run (the one reader of a run directory's files) -------------------
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved :class:`RunConfig` a run saved in ``run_dir/config.yaml``.
+
+    Raises
+    ------
+    ValueError
+        ``"<run_dir>: no such directory"``, ``"<run_dir>/config.yaml: missing ..."`` or a bad
+        value, prefixed with the file.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such directory (expected a run directory)")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; {run_dir} is not a run directory")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    try:
+        # The run validated its config when it started; from_mapping alone avoids importing
+        # the strategies (and with them Flower).
+        from popri_flwr.config import RunConfig, from_mapping
+
+        return from_mapping(RunConfig, data)
+    except ConfigError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def find_adapter(run_dir: str | Path) -> tuple[Path, int]:
+    """The LoRA adapter of a run's last finished round and that round.
+
+    POPri saves it as ``run_dir/adapter`` (``adapter.old`` while being replaced), with the
+    round in ``popri_round.json``; ``state.json`` says which round finished last.
+
+    Raises
+    ------
+    ValueError
+        Naming the run directory, when it holds no adapter of its last finished round.
+    """
+    run_dir = Path(run_dir)
+    state_path = run_dir / "state.json"
+    finished = None
+    if state_path.is_file():
+        finished = int(json.loads(state_path.read_text()).get("finished_round", 0))
+    for name in ("adapter", "adapter.old"):
+        path = run_dir / name
+        marker = path / "popri_round.json"
+        if not (path / "adapter_config.json").is_file() or not marker.is_file():
+            continue
+        round_ = int(json.loads(marker.read_text())["round"])
+        if finished is None:
+            logger.warning("%s: no state.json; using the adapter of round %d", run_dir, round_)
+            return path, round_
+        if round_ == finished:
+            return path, round_
+    if not finished:
+        raise ValueError(
+            f"{run_dir}: no finished round, so no trained adapter; use the base model "
+            "(adapter=False, --no-adapter)"
+        )
+    raise ValueError(
+        f"{run_dir}: no adapter of its last finished round {finished} (adapter/ with "
+        "popri_round.json); only POPri runs train one; use adapter=False (--no-adapter)"
+    )
 
 
 def _first_row_is_scored(path: Path) -> bool:

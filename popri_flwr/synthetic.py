@@ -34,17 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from popri_flwr.config import ConfigError, RunConfig, from_mapping
+from popri_flwr.config import RunConfig
 from popri_flwr.generation import SamplingParams, generate_samples
-from popri_flwr.prompts import build_prompts
-from popri_flwr.run_dir import atomic_write_text
+from popri_flwr.index_sampling import IndexSeededGenerator, prompt_for
+from popri_flwr.model_loading import load_generator_model
+from popri_flwr.run_dir import atomic_write_text, find_adapter, read_run_config
 
 logger = logging.getLogger(__name__)
 
 #: Mixed into the per-index seeds so that prompts and sampling noise use different streams.
-_PROMPT_TAG, _NOISE_TAG = 0x50524F4D, 0x4E4F4953
+PROMPT_TAG, NOISE_TAG = 0x50524F4D, 0x4E4F4953
 #: Offset of the zero-shot public set's seed (the one POPri uses when it builds it).
 _PUBLIC_SEED_OFFSET = 7919
 
@@ -92,245 +92,6 @@ def load_texts_jsonl(path: str | Path, field: str = "text") -> list[str]:
     if not any(t.strip() for t in texts):
         raise ValueError(f"{path}: no texts (empty synthetic set)")
     return texts
-
-
-def load_run_config_file(run_dir: str | Path) -> RunConfig:
-    """The resolved :class:`RunConfig` a run saved in ``run_dir/config.yaml``.
-
-    Raises
-    ------
-    ValueError
-        ``"<run_dir>: no such directory"``, ``"<run_dir>/config.yaml: missing ..."`` or a bad
-        value, prefixed with the file.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: no such directory (expected a run directory)")
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ValueError(f"{path}: missing; {run_dir} is not a run directory")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys")
-    try:
-        # The run validated its config when it started; from_mapping alone avoids importing
-        # the strategies (and with them Flower).
-        return from_mapping(RunConfig, data)
-    except ConfigError as err:
-        raise ValueError(f"{path}: {err}") from None
-
-
-def find_adapter(run_dir: str | Path) -> tuple[Path, int]:
-    """The LoRA adapter of a run's last finished round and that round.
-
-    POPri saves it as ``run_dir/adapter`` (``adapter.old`` while being replaced), with the
-    round in ``popri_round.json``; ``state.json`` says which round finished last.
-
-    Raises
-    ------
-    ValueError
-        Naming the run directory, when it holds no adapter of its last finished round.
-    """
-    run_dir = Path(run_dir)
-    state_path = run_dir / "state.json"
-    finished = None
-    if state_path.is_file():
-        finished = int(json.loads(state_path.read_text()).get("finished_round", 0))
-    for name in ("adapter", "adapter.old"):
-        path = run_dir / name
-        marker = path / "popri_round.json"
-        if not (path / "adapter_config.json").is_file() or not marker.is_file():
-            continue
-        round_ = int(json.loads(marker.read_text())["round"])
-        if finished is None:
-            logger.warning("%s: no state.json; using the adapter of round %d", run_dir, round_)
-            return path, round_
-        if round_ == finished:
-            return path, round_
-    if not finished:
-        raise ValueError(
-            f"{run_dir}: no finished round, so no trained adapter; use the base model "
-            "(adapter=False, --no-adapter)"
-        )
-    raise ValueError(
-        f"{run_dir}: no adapter of its last finished round {finished} (adapter/ with "
-        "popri_round.json); only POPri runs train one; use adapter=False (--no-adapter)"
-    )
-
-
-# ----------------------------------------------------------------------------- the model
-def load_generator_model(
-    model_name: str,
-    adapter_path: str | Path | None,
-    device: str = "auto",
-    cache_dir: str | Path | None = None,
-) -> tuple[Any, Any]:
-    """Base model with the LoRA adapter folded into its weights (or the base alone).
-
-    Parameters
-    ----------
-    model_name
-        ``generation.model`` of the run (``packaged:...``, Hub id or directory).
-    adapter_path
-        A PEFT adapter directory, or None for the base model.
-    device, cache_dir
-        See :func:`popri_flwr.model_loading.load_causal_lm`.
-
-    Returns
-    -------
-    tuple
-        ``(model, tokenizer)``, the model in eval mode.
-
-    Raises
-    ------
-    ValueError
-        ``"<adapter>: adapter does not match base model <name>: ..."`` when the adapter was
-        trained on a model of another architecture or size (missing modules, other shapes,
-        weights for only some of the modules).
-    """
-    from popri_flwr.model_loading import load_causal_lm
-
-    model, tokenizer = load_causal_lm(model_name, device=device, cache_dir=cache_dir)
-    if adapter_path is None:
-        return model, tokenizer
-    adapter_path = Path(adapter_path)
-    config_path = adapter_path / "adapter_config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{adapter_path}: no adapter_config.json; not a PEFT adapter directory")
-    _warn_on_other_base(adapter_path, config_path, model)
-
-    from peft import PeftModel, get_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
-    def mismatch(reason: str) -> ValueError:
-        return ValueError(
-            f"{adapter_path}: adapter does not match base model {model_name}: {reason}"
-        )
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_path))
-        saved = set(load_peft_weights(str(adapter_path), device="cpu"))
-    except Exception as err:  # noqa: BLE001 - PEFT raises ValueError, RuntimeError, KeyError...
-        lines = [x.strip() for x in str(err).splitlines() if x.strip()]
-        detail = "; ".join(lines[:2]) or type(err).__name__
-        raise mismatch(f"{type(err).__name__}: {detail}") from err
-    expected = set(get_peft_model_state_dict(peft_model))
-    missing = sorted(expected - saved)
-    if missing:
-        # PEFT only warns here (e.g. an adapter of a shallower model): the policy would be a
-        # different model than the run's, so refuse.
-        raise mismatch(
-            f"the adapter has no weights for {len(missing)} of the model's {len(expected)} LoRA "
-            f"tensors (e.g. {missing[0]})"
-        )
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    return merged, tokenizer
-
-
-def _warn_on_other_base(adapter_path: Path, config_path: Path, model: Any) -> None:
-    """Log when the adapter names another base (paths differ across machines: not an error)."""
-    try:
-        base = json.loads(config_path.read_text()).get("base_model_name_or_path") or ""
-    except json.JSONDecodeError:
-        raise ValueError(f"{config_path}: not valid JSON") from None
-    ours = str(getattr(model.config, "_name_or_path", "") or "")
-    if base and ours and Path(base).name != Path(ours).name:
-        logger.warning(
-            "%s: adapter was trained on %s, loading it onto %s", adapter_path, base, ours
-        )
-
-
-# ----------------------------------------------------------------------------- sampling
-def _index_seed(seed: int, index: int, tag: int) -> int:
-    return int(np.random.SeedSequence([seed, index, tag]).generate_state(1)[0])
-
-
-def prompt_for(public_texts: Sequence[str], prompt_index: int, seed: int, shots: int) -> str:
-    """The few-shot prompt number ``prompt_index`` (a function of the seed and index only)."""
-    rng = np.random.default_rng(_index_seed(seed, prompt_index, _PROMPT_TAG))
-    return build_prompts(public_texts, 1, rng, shots=shots)[0]
-
-
-def _noise_processor(seeds: Sequence[int]):
-    """A logits processor adding Gumbel noise, row ``r`` drawn from its own stream ``seeds[r]``.
-
-    Each call draws one vector per row from that row's stream, so the noise a text sees at
-    step ``t`` is the stream's ``t``-th draw whatever the batch. The streams live on the
-    logits' device (created at the first call); CPU and CUDA streams differ.
-    """
-    import torch
-    from transformers import LogitsProcessor
-
-    class IndexGumbelNoise(LogitsProcessor):
-        def __init__(self) -> None:
-            self.streams: list[torch.Generator] = []
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            device, vocab = scores.device, scores.shape[-1]
-            if not self.streams:
-                self.streams = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-            u = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self.streams])
-            tiny = torch.finfo(torch.float32).tiny
-            gumbel = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))
-            return scores + gumbel.to(scores.dtype)
-
-    return IndexGumbelNoise()
-
-
-class IndexSeededGenerator:
-    """Generator whose row ``r`` samples from the stream seeded by ``(seed, indices[r])``.
-
-    Implements :class:`popri_flwr.generation.Generator` for ``num_samples=1`` and one batch,
-    so :func:`popri_flwr.generation.generate_samples` does the cutting and truncation.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, indices: Sequence[int], seed: int) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.indices, self.seed = list(indices), seed
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        params: SamplingParams,
-        num_samples: int = 1,
-        chat: bool = False,
-    ) -> list[list[str]]:
-        """Raw continuations, ``out[i] = [text]`` (one sample per prompt, one forward batch)."""
-        import torch
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-        if num_samples != 1 or chat or len(prompts) != len(self.indices):
-            raise ValueError("IndexSeededGenerator: one raw prompt per index, one sample each")
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        device = next(self.model.parameters()).device
-        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        processors = LogitsProcessorList()
-        if params.temperature > 0:  # else greedy, as TransformersGenerator does
-            # The order of transformers' own sampling: temperature, then top-p, then the draw.
-            processors.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
-            seeds = [_index_seed(self.seed, i, _NOISE_TAG) for i in self.indices]
-            processors.append(_noise_processor(seeds))
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc,
-                do_sample=False,  # argmax of the noisy logits is the sample
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                logits_processor=processors,
-                max_new_tokens=params.max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-            )
-        new = out[:, enc["input_ids"].shape[1] :]
-        return [[t] for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
 # ----------------------------------------------------------------------------- the file
@@ -566,7 +327,7 @@ def _make_plan(
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
     if run_dir is not None:
         run_dir = Path(run_dir)
-        cfg = load_run_config_file(run_dir)
+        cfg = read_run_config(run_dir)
     else:
         cfg = config or RunConfig()
         if adapter is True:
@@ -703,12 +464,4 @@ def _zero_shot_public_set(cfg: RunConfig, model: Any, tokenizer: Any, batch_size
     )
 
 
-__all__ = [
-    "IndexSeededGenerator",
-    "find_adapter",
-    "generate_synthetic",
-    "load_generator_model",
-    "load_run_config_file",
-    "load_texts_jsonl",
-    "prompt_for",
-]
+__all__ = ["generate_synthetic", "load_texts_jsonl"]

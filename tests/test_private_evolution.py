@@ -26,10 +26,8 @@ from popri_flwr.generation import SamplingParams, make_generator
 from popri_flwr.privacy import PrivacyAccountant, compute_epsilon
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.strategies import strategy_class
-from popri_flwr.strategies.private_evolution import (
-    PrivateEvolutionStrategy,
-    expand_population,
-)
+from popri_flwr.strategies.private_evolution import PrivateEvolutionStrategy
+from popri_flwr.variations import expand_population
 from popri_flwr.voting import (
     PEConfig,
     client_vote_vector,

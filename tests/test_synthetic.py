@@ -20,16 +20,16 @@ from transformers import AutoTokenizer
 from popri_flwr.cli.generate import main as cli_main
 from popri_flwr.config import RunConfig, from_mapping, to_dict
 from popri_flwr.hydra_config import compose
-from popri_flwr.model_loading import DEFAULT_GENERATOR, load_causal_lm, resolve_model_path
-from popri_flwr.prompts import few_shot_prompt
-from popri_flwr.synthetic import (
-    _noise_processor,
-    find_adapter,
-    generate_synthetic,
+from popri_flwr.index_sampling import _noise_processor, prompt_for
+from popri_flwr.model_loading import (
+    DEFAULT_GENERATOR,
+    load_causal_lm,
     load_generator_model,
-    load_texts_jsonl,
-    prompt_for,
+    resolve_model_path,
 )
+from popri_flwr.prompts import few_shot_prompt
+from popri_flwr.run_dir import find_adapter
+from popri_flwr.synthetic import generate_synthetic, load_texts_jsonl
 
 PUBLIC = [
     "The President spoke about the economy and the jobs created this year.",

@@ -364,13 +364,11 @@ def evaluate_run_dir(
         ``accuracy`` (top-1), ``top5_accuracy``, ``eval_loss``, ``eval_tokens`` and
         ``model_round``.
     """
-    import yaml
-
-    from popri_flwr.config import load_run_config
     from popri_flwr.model_loading import resolve_device
+    from popri_flwr.run_dir import read_run_config
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = read_run_config(run_dir)
     if cfg.strategy.name != "dp_fedavg":
         raise ValueError(f"{run_dir}: strategy.name is {cfg.strategy.name!r}, not dp_fedavg")
     ev = downstream or cfg.downstream

@@ -24,7 +24,6 @@ resume in :class:`~popri_flwr.strategies.base.PrivateStrategy`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,101 +31,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from popri_flwr.distribution_metrics import fid
 from popri_flwr.embedding import Embedder
-from popri_flwr.generation import Generator, SamplingParams, generate_samples
-from popri_flwr.prompts import variation_prompt
+from popri_flwr.generation import Generator, SamplingParams
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 from popri_flwr.public_set import build_public_set
 from popri_flwr.strategies.base import PrivateStrategy, eval_embeddings_for
+from popri_flwr.variations import generate_variations, with_seed
 from popri_flwr.voting import PEConfig, refill_parents, select_top, vote_summary
 
 logger = logging.getLogger(__name__)
 
 #: Seed offset of the initial population (the same offset POPri uses for its public set).
 _INITIAL_SEED_OFFSET = 7919
-
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    return SamplingParams(**{**params.__dict__, "seed": int(seed)})
-
-
-def generate_variations(
-    generator: Generator,
-    parents: Sequence[str],
-    params: SamplingParams,
-    tokenizer: Any = None,
-    retries: int = 1,
-) -> tuple[list[str], dict[str, int]]:
-    """One paraphrase (``variation_prompt``, chat template) of each text in ``parents``.
-
-    Empty outputs are generated again (``retries`` times, new seeds); a variation still empty
-    after that becomes a copy of its parent, so the population never holds an empty text.
-
-    Returns
-    -------
-    tuple
-        ``(variations, stats)`` with ``variations[i]`` derived from ``parents[i]`` and
-        ``stats = {"empty_variations": empties of the first pass, "variation_copies": copies}``.
-    """
-    out: list[str] = [""] * len(parents)
-    todo = list(range(len(parents)))
-    empty_first = 0
-    for attempt in range(retries + 1):
-        if not todo:
-            break
-        prompts = [variation_prompt(parents[i]) for i in todo]
-        texts = generate_samples(
-            generator,
-            prompts,
-            _with_seed(params, params.seed + attempt),
-            num_samples=1,
-            tokenizer=tokenizer,
-            chat=True,
-        )
-        for i, group in zip(todo, texts, strict=True):
-            out[i] = group[0].strip()
-        missing = [i for i in todo if not out[i]]
-        if attempt == 0:
-            empty_first = len(missing)
-        todo = missing
-    for i in todo:
-        out[i] = parents[i]
-    if todo:
-        logger.warning("%d variations stayed empty; their parents were copied", len(todo))
-    return out, {"empty_variations": empty_first, "variation_copies": len(todo)}
-
-
-def expand_population(
-    generator: Generator,
-    texts: Sequence[str],
-    n: int,
-    params: SamplingParams,
-    tokenizer: Any = None,
-) -> list[str]:
-    """Grow a (final) PE population to ``n`` texts by variations of its members.
-
-    The population is returned first, then variations of its members round-robin in the
-    population's order (kept members, best voted first, come first in PE's files). No private
-    data is touched: this is post-processing of the released population.
-
-    Parameters
-    ----------
-    generator, params, tokenizer
-        Generator and sampling parameters of the variations.
-    texts
-        The population (e.g. the ``text`` fields of ``samples/round_{R+1:03d}.jsonl``).
-    n
-        Size wanted; ``n <= len(texts)`` returns the first ``n`` texts.
-    """
-    texts = list(texts)
-    if n < 0:
-        raise ValueError(f"n: must be >= 0, got {n}")
-    if n <= len(texts):
-        return texts[:n]
-    if not texts:
-        raise ValueError("texts: cannot expand an empty population")
-    parents = [texts[i % len(texts)] for i in range(n - len(texts))]
-    variations, _ = generate_variations(generator, parents, params, tokenizer)
-    return texts + variations
 
 
 class PrivateEvolutionStrategy(PrivateStrategy):
@@ -257,7 +172,7 @@ class PrivateEvolutionStrategy(PrivateStrategy):
 
     def _initial_population(self) -> None:
         m = self.pe.population_size
-        params = _with_seed(self.sampling, self.sampling.seed + _INITIAL_SEED_OFFSET)
+        params = with_seed(self.sampling, self.sampling.seed + _INITIAL_SEED_OFFSET)
         logger.info("Building the initial population (%d texts)", m)
         with self.timer("generate"):
             texts = build_public_set(
@@ -329,7 +244,7 @@ class PrivateEvolutionStrategy(PrivateStrategy):
         kept = select_top(release, self.pe.num_kept)
         self._write_population(server_round, release, kept)
         parents = refill_parents(kept, m)
-        params = _with_seed(self.sampling, self.sampling.seed + 1000 * server_round)
+        params = with_seed(self.sampling, self.sampling.seed + 1000 * server_round)
         with self.timer("generate"):
             variations, stats = generate_variations(
                 self.generator, [self.texts[i] for i in parents], params, self.tokenizer
