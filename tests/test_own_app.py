@@ -3,7 +3,7 @@
 The two code blocks marked ``<!-- snippet: FILE -->`` in README.md are written, unchanged, into
 a fresh Flower app (with its own pyproject.toml and one data file per client), which is then
 run with `flwr run` on the simulation engine and on a SuperLink whose SuperNodes each read
-their own file (`--node-config data-path=...`). Judged by the run's status and run directory.
+their own file (`--node-config "data-path='...'"`). Judged by the run's status and run directory.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def test_own_app_on_the_simulation_engine(app_dir, tmp_path):
 
 def test_own_app_with_supernodes_reading_their_own_files(app_dir, tmp_path):
     data = tmp_path / "data"
-    nodes = [f"data-path={data / f'client_{i}.txt'}" for i in range(N)]
+    nodes = [f"data-path='{data / f'client_{i}.txt'}'" for i in range(N)]  # TOML: quoted
     with deployment(tmp_path, nodes) as env:
         log = flwr_run_deployed(app_dir, "", env)
         status = run_status(app_dir, "deploy", env)

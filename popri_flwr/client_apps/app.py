@@ -3,8 +3,8 @@
 Where a node's private texts come from, in this order:
 
 1. a ``load_texts(context)`` function given to :func:`make_client_app` (your own data);
-2. ``data-path=FILE`` in the SuperNode's ``--node-config`` (``.txt`` paragraphs, ``.json`` or
-   ``.jsonl`` with a ``text`` field): each device reads its own file;
+2. ``data-path='FILE'`` in the SuperNode's ``--node-config`` (TOML: quote the path; ``.txt``
+   paragraphs, ``.json`` or ``.jsonl`` with a ``text`` field): each device reads its own file;
 3. the federation of the run's config (``data.*``), client ``partition-id`` (simulation).
 
 Nothing here imports server code: the message format lives in :mod:`popri_flwr.protocol`.
@@ -95,7 +95,7 @@ def client_id(context: Context) -> str:
         return f"partition-{int(node['partition-id'])}"
     raise ValueError(
         "node config: this SuperNode has no data-path, client-id or partition-id; start it "
-        'with --node-config "data-path=FILE" (or "partition-id=N num-partitions=M")'
+        "with --node-config \"data-path='FILE'\" (or \"partition-id=N num-partitions=M\")"
     )
 
 

@@ -389,6 +389,35 @@ class PrivateStrategy(Strategy):
         reason = check_vector(vector, dim, self.clip_norm)
         return (vector if reason is None else None), reason
 
+    def collect_replies(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+        """Send the round's messages and pull the replies until all are in or ``timeout``.
+
+        Flower's ``send_and_receive``, with a progress bar (shown only with diagnostics on:
+        how many clients answered is an un-noised statistic) and a short poll interval.
+        """
+        if not messages:
+            return []
+        try:
+            pending = set(grid.push_messages(messages))
+        except NotImplementedError:  # a Grid without push/pull (e.g. a test double)
+            return list(grid.send_and_receive(messages, timeout=timeout))
+        from tqdm.auto import tqdm
+
+        replies: list[Message] = []
+        deadline = time.monotonic() + timeout
+        with tqdm(
+            total=len(pending), desc="client replies", leave=False,
+            disable=not self.diagnostics.enabled,
+        ) as bar:  # fmt: skip
+            while pending and time.monotonic() < deadline:
+                got = list(grid.pull_messages(pending))
+                replies += got
+                pending -= {m.metadata.reply_to_message_id for m in got}
+                bar.update(len(got))
+                if pending:
+                    time.sleep(_POLL_SECONDS)
+        return replies
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -499,7 +528,7 @@ class PrivateStrategy(Strategy):
                     break
                 with self.timer("clients"):
                     messages = self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid)
-                    replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+                    replies = self.collect_replies(grid, messages, timeout)
                 with self.timer("aggregate"):
                     arrays, _ = self.aggregate_train(rnd, replies)
                     release = arrays["release"].numpy()
@@ -632,6 +661,9 @@ def eval_embeddings_for(
     texts = federation.eval_sample(cfg.evaluation.max_eval_texts, cfg.seed)
     return embedder.embed(texts) if len(texts) >= 2 else None
 
+
+#: Seconds between pulls for replies (Flower's own loop sleeps 3 s on the HTTP grid).
+_POLL_SECONDS = 0.2
 
 #: Phases whose duration depends on the sampled clients (how many, how much data).
 _CLIENT_DEPENDENT_PHASES = ("clients", "aggregate", "evaluate")
