@@ -37,8 +37,8 @@ _EXPORTS: dict[str, str] = {
     "StrategyConfig": "popri_flwr.config",
     "PublicSetConfig": "popri_flwr.config",
     "DataConfig": "popri_flwr.data",
-    "DPOStepConfig": "popri_flwr.dpo",
-    "PrivacyAccountant": "popri_flwr.privacy",
+    "DPOStepConfig": "popri_flwr.models.dpo",
+    "PrivacyAccountant": "popri_flwr.privacy.accounting",
     "RunDirectory": "popri_flwr.run_dir",
 }
 

@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from popri_flwr.algorithms.fedavg_update import FedAvgConfig
+from popri_flwr.algorithms.voting import PEConfig
 from popri_flwr.data import DataConfig
-from popri_flwr.downstream import DownstreamConfig
-from popri_flwr.dpo import DPOStepConfig
-from popri_flwr.fedavg_update import FedAvgConfig
-from popri_flwr.voting import PEConfig
+from popri_flwr.evaluation.downstream import DownstreamConfig
+from popri_flwr.models.dpo import DPOStepConfig
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,10 @@ class GenerationConfig:
     model: str = "packaged:smollm2-135m-instruct"
     backend: str = "transformers"
     device: str = "auto"
+    #: ``auto``: bf16 where the CPU (avx512_bf16 / amx_bf16) or GPU supports it, else float32;
+    #: ``float32`` makes texts independent of ``batch_size`` (bf16 repeats at a fixed one).
+    dtype: str = "auto"
+    #: Rows (prompt x sample) per decoding batch; each prompt's prefill is shared by its rows.
     batch_size: int = 16
     num_threads: int | None = None
     cache_dir: str | None = None
@@ -312,6 +316,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         g.backend,
     )
     check(g.batch_size >= 1, "generation.batch_size", "must be >= 1", g.batch_size)
+    check(
+        g.dtype in ("auto", "float32", "bfloat16"),
+        "generation.dtype",
+        "expected auto, float32 or bfloat16",
+        g.dtype,
+    )
     check(
         cfg.simulation.client_num_cpus > 0,
         "simulation.client_num_cpus",

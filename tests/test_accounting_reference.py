@@ -1,4 +1,5 @@
-"""popri_flwr.privacy against independent references (no dp-accounting, no stored outputs).
+"""popri_flwr.privacy.accounting against independent references (no dp-accounting, no stored
+outputs).
 
 The mechanism: each round releases ``sum_{i in B} v_i + N(0, sigma^2)`` (sensitivity 1), ``B`` a
 Poisson sample at rate ``q``, composed over ``T`` rounds, add/remove one client. Three references
@@ -32,7 +33,11 @@ import pytest
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
-from popri_flwr.privacy import DEFAULT_ORDERS, calibrate_noise_multiplier, compute_epsilon
+from popri_flwr.privacy.accounting import (
+    DEFAULT_ORDERS,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+)
 
 #: Integer Renyi orders, all of them also in DEFAULT_ORDERS (so the default can only do better).
 INT_ORDERS = (*range(2, 11), *range(12, 64), 128, 256)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from popri_flwr.aggregation import GRID_BITS, check_vector, noisy_sum
+from popri_flwr.privacy.aggregation import GRID_BITS, check_vector, noisy_sum
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ import math
 
 import pytest
 
-from popri_flwr.benchmark import (
+from popri_flwr.cli.benchmark import load_benchmark_config, main
+from popri_flwr.config import ConfigError
+from popri_flwr.evaluation.benchmark import (
     BenchmarkConfig,
     finish_rows,
     gap_closed,
@@ -21,8 +23,6 @@ from popri_flwr.benchmark import (
     run_benchmark,
     write_results,
 )
-from popri_flwr.cli.benchmark import load_benchmark_config, main
-from popri_flwr.config import ConfigError
 
 
 def test_gap_closed_formula():
@@ -130,7 +130,7 @@ def test_tiny_grid_end_to_end(tmp_path):
 
 
 def test_cached_rows_are_reused_only_with_the_same_settings(tmp_path):
-    from popri_flwr.benchmark import run_row
+    from popri_flwr.evaluation.benchmark import run_row
 
     bc = BenchmarkConfig(out_dir=str(tmp_path), methods=["eps0"], synthetic_size=10)
     rows_dir = tmp_path / "rows"
@@ -148,9 +148,9 @@ def test_epsinf_texts_get_the_synthetic_token_budget():
     """eps-inf trains on private texts cut to generation.truncate_tokens, like every sample."""
     from transformers import AutoTokenizer
 
-    from popri_flwr.benchmark import Evaluator, reference_texts
+    from popri_flwr.evaluation.benchmark import Evaluator, reference_texts
     from popri_flwr.hydra_config import load_config
-    from popri_flwr.model_loading import resolve_model_path
+    from popri_flwr.models.loading import resolve_model_path
 
     cfg = load_config(["experiment=demo", "data.max_clients=6", "generation.truncate_tokens=8"])
     evaluator = Evaluator(cfg, 10)
@@ -165,7 +165,7 @@ def test_epsinf_texts_get_the_synthetic_token_budget():
 
 
 def test_rows_of_an_older_scoring_version_are_not_reused(monkeypatch):
-    import popri_flwr.benchmark as benchmark
+    import popri_flwr.evaluation.benchmark as benchmark
 
     bc = BenchmarkConfig(methods=["eps0"])
     before = bc.settings_hash()

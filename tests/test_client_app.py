@@ -10,11 +10,11 @@ import numpy as np
 from fakegrid import set_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from popri_flwr.algorithms.scoring import client_score_vector
 from popri_flwr.client_apps.app import client_id, make_client_app
-from popri_flwr.clipping import l2_norm
-from popri_flwr.embedding import DEFAULT_EMBEDDER, get_embedder
+from popri_flwr.models.embedding import DEFAULT_EMBEDDER, get_embedder
+from popri_flwr.privacy.clipping import l2_norm
 from popri_flwr.protocol import REPLY_ARRAYS, REPLY_VECTOR
-from popri_flwr.scoring import client_score_vector
 
 
 def test_the_client_app_imports_no_server_code():
@@ -23,8 +23,8 @@ def test_the_client_app_imports_no_server_code():
         "assert not any(m.startswith('flwr') for m in sys.modules), 'package pulls in flwr'; "
         "import popri_flwr.client_apps.app; "
         "bad = [m for m in sys.modules if m.startswith(('popri_flwr.strategies', "
-        "'popri_flwr.server_app', 'popri_flwr.simulation', 'popri_flwr.dpo', "
-        "'popri_flwr.generation'))]; "
+        "'popri_flwr.server_app', 'popri_flwr.simulation', 'popri_flwr.models.dpo', "
+        "'popri_flwr.models.generation'))]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from popri_flwr.aggregation import check_vector
-from popri_flwr.clipping import clip_to_norm, l2_norm
+from popri_flwr.privacy.aggregation import check_vector
+from popri_flwr.privacy.clipping import clip_to_norm, l2_norm
 
 
 @pytest.mark.parametrize("c", [1e-3, 0.37, 1.0, 5.0, 123.456])

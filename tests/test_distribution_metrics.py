@@ -1,4 +1,5 @@
-"""Tests for popri_flwr.distribution_metrics against closed forms and hand-computed cases."""
+"""Tests for popri_flwr.evaluation.distribution_metrics against closed forms and hand-computed
+cases."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from popri_flwr.distribution_metrics import fid, mean_cosine_to_nearest, precision_recall
+from popri_flwr.evaluation.distribution_metrics import fid, precision_recall
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
@@ -168,10 +169,3 @@ def test_precision_recall_errors(real, synthetic, k, message):
 
 
 # ------------------------------------------------------------------ cosine to nearest
-def test_mean_cosine_to_nearest_by_hand():
-    real = np.array([[1.0, 0.0], [0.0, 1.0]])
-    synthetic = np.array([[1.0, 1.0], [2.0, 0.0]])
-    # [1,1] is at 45 degrees from both (cos = 1/sqrt 2); [2,0] is parallel to [1,0] (cos = 1).
-    assert mean_cosine_to_nearest(real, synthetic) == pytest.approx((1 / math.sqrt(2) + 1) / 2)
-    with pytest.raises(ValueError, match="all zeros"):
-        mean_cosine_to_nearest(real, np.zeros((1, 2)))

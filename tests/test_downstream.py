@@ -1,4 +1,4 @@
-"""Tests for popri_flwr.downstream: the paper's downstream next-token accuracy.
+"""Tests for popri_flwr.evaluation.downstream: the paper's downstream next-token accuracy.
 
 The metric is checked against a hand-computed case, the encoding against a hand-made tokenizer,
 and training on a tiny GPT-2 (1 layer, 32 wide, 16 tokens) against an untrained model.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from popri_flwr.downstream import (
+from popri_flwr.evaluation.downstream import (
     DownstreamConfig,
     build_model,
     encode_for_lm,

@@ -1,4 +1,5 @@
-"""DP-FedAvg: update maths (popri_flwr.fedavg_update), the client handler and the strategy.
+"""DP-FedAvg: update maths (popri_flwr.algorithms.fedavg_update), the client handler and the
+strategy.
 
 The downstream LM is a real GPT-2 at tiny size (1 layer, width 32, 24 tokens) with the SmolLM2
 tokenizer; clients are 6 SOTU speeches. The strategy runs through the shared FakeGrid with the
@@ -18,31 +19,35 @@ from fakegrid import FakeGrid, set_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.differential_privacy import clip_inputs_inplace
 
-from popri_flwr.client_apps.local_training import train_update
-from popri_flwr.client_apps.resources import NodeData, client_texts
-from popri_flwr.clipping import clip_to_norm
-from popri_flwr.config import ConfigError
-from popri_flwr.data import load_federation
-from popri_flwr.diagnostics import read_diagnostics
-from popri_flwr.downstream import load_tokenizer
-from popri_flwr.fedavg_update import (
+from popri_flwr.algorithms.fedavg_update import (
     FedAvgConfig,
     build_fedavg_model,
     expected_clients,
     flatten_params,
     frozen_fingerprint,
     local_train,
-    num_trainable,
     param_arrays,
     server_step,
     unflatten_params,
 )
+from popri_flwr.client_apps.local_training import train_update
+from popri_flwr.client_apps.resources import NodeData, client_texts
+from popri_flwr.config import ConfigError
+from popri_flwr.data import load_federation
+from popri_flwr.evaluation.downstream import load_tokenizer
 from popri_flwr.hydra_config import load_config
-from popri_flwr.privacy import PrivacyAccountant, compute_epsilon
+from popri_flwr.privacy.accounting import PrivacyAccountant, compute_epsilon
+from popri_flwr.privacy.clipping import clip_to_norm
+from popri_flwr.privacy.diagnostics import read_diagnostics
 from popri_flwr.protocol import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.strategies.dp_fedavg import DPFedAvgStrategy, evaluate_run_dir
 from popri_flwr.strategies.factory import build_strategy, make_accountant
+
+
+def num_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
 
 TINY = [
     "strategy=dp_fedavg",

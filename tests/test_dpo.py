@@ -1,4 +1,5 @@
-"""Tests for popri_flwr.dpo: the server's DPO step on the real default generator (tiny sizes).
+"""Tests for popri_flwr.models.dpo: the server's DPO step on the real default generator (tiny
+sizes).
 
 One module fixture trains two rounds (one optimizer step each, 4 pairs) and records what the
 individual tests check, so the expensive part runs once.
@@ -14,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from popri_flwr.dpo import DPOStep, DPOStepConfig
-from popri_flwr.model_loading import load_causal_lm
+from popri_flwr.models.dpo import DPOStep, DPOStepConfig
+from popri_flwr.models.loading import load_causal_lm
 
 BETA, PEAK_LR = 0.1, 1e-3
 

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import numpy as np
 import pytest
+import torch
 
-from popri_flwr.embedding import get_embedder
-from popri_flwr.generation import SamplingParams, generate_samples, make_generator
-from popri_flwr.prompts import build_prompts, extract_sample, few_shot_prompt
+from popri_flwr.algorithms.prompts import build_prompts, extract_sample, few_shot_prompt
+from popri_flwr.models.embedding import get_embedder
+from popri_flwr.models.generation import (
+    SamplingParams,
+    VLLMGenerator,
+    generate_samples,
+    generator_from_config,
+    make_generator,
+)
+from popri_flwr.models.sampling import prompt_seed
 
 PUBLIC = [f"Public paragraph number {i} about the state of the union." for i in range(6)]
 
@@ -81,6 +90,84 @@ def test_unknown_backend_and_missing_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match="pip install 'popri-flwr\\[vllm\\]'"):
         make_generator("vllm")
+
+
+class FakeVLLMModuleForTests(types.ModuleType):
+    """A stand-in for the ``vllm`` module (not installable here, no GPU): records what the
+    generator asks of the engine and answers each request with texts naming its seed."""
+
+    def __init__(self) -> None:
+        super().__init__("vllm")
+        fake = self
+        self.engine_kwargs: dict = {}
+        self.requests: list = []
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.__dict__.update(kwargs)
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.engine_kwargs = kwargs
+
+            def get_tokenizer(self):
+                return "fake-tokenizer"
+
+            def _answer(self, prompts, sampling_params):
+                assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
+                fake.requests = list(zip(prompts, sampling_params, strict=True))
+                ns = types.SimpleNamespace
+                return [
+                    ns(outputs=[ns(text=f"seed {sp.seed} #{j}") for j in range(sp.n)])
+                    for sp in sampling_params
+                ]
+
+            def generate(self, prompts, sampling_params, lora_request=None):
+                return self._answer(prompts, sampling_params)
+
+            def chat(self, messages, sampling_params, lora_request=None):
+                return self._answer(messages, sampling_params)
+
+        self.SamplingParams, self.LLM = SamplingParams, LLM
+
+
+def test_vllm_seeds_each_prompt_and_caches_prefixes(monkeypatch):
+    fake = FakeVLLMModuleForTests()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gen = VLLMGenerator("/models/smollm2")
+    assert fake.engine_kwargs["enable_prefix_caching"] is True
+    assert fake.engine_kwargs["enable_lora"] is True and gen.tokenizer == "fake-tokenizer"
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=33, seed=7)
+    out = gen.generate(["a", "b", "c"], params, num_samples=2)
+    seeds = [sp.seed for _, sp in fake.requests]
+    assert seeds == [prompt_seed(7, i) for i in range(3)] and len(set(seeds)) == 3
+    assert out == [[f"seed {s} #0", f"seed {s} #1"] for s in seeds]  # out[i][j]: prompt i
+    sp = fake.requests[0][1]
+    assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens) == (2, 0.9, 0.95, 33)
+    gen.generate(["a", "b", "c"], SamplingParams(seed=8), 1, chat=True)
+    assert fake.requests[0][0] == [{"role": "user", "content": "a"}]
+    assert {sp.seed for _, sp in fake.requests}.isdisjoint(seeds)  # another seed, other streams
+    VLLMGenerator("/models/smollm2", enable_prefix_caching=False)  # a caller may turn it off
+    assert fake.engine_kwargs["enable_prefix_caching"] is False
+
+
+def test_make_generator_passes_dtype_and_path(generator):
+    assert generator.prefix_sharing and generator.dtype == "auto"  # the defaults
+    cfg = types.SimpleNamespace(
+        backend="transformers",
+        model="packaged:smollm2-135m-instruct",
+        device="cpu",
+        batch_size=5,
+        cache_dir=None,
+        dtype="float32",
+    )
+    gen = generator_from_config(cfg, progress=False)
+    assert (gen.dtype, gen.batch_size, gen.model) == ("float32", 5, generator.model)
+    flat = make_generator("transformers", device="cpu", prefix_sharing=False, progress=False)
+    assert not flat.prefix_sharing
+    with pytest.raises(ValueError, match="generation.dtype: expected one of auto, float32"):
+        make_generator("transformers", device="cpu", dtype="half")
 
 
 def test_embedder_unit_rows_and_similarity():

@@ -1,4 +1,5 @@
-"""Tests for popri_flwr.plots: PNGs are written, and the drawn content matches the rows."""
+"""Tests for popri_flwr.evaluation.plots: PNGs are written, and the drawn content matches the
+rows."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from popri_flwr import plots
+from popri_flwr.evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = (

@@ -18,13 +18,13 @@ from fakegrid import FakeGrid, set_task_identity
 from flwr.app import Context, Message, RecordDict
 
 from popri_flwr.client_apps.app import make_client_app
-from popri_flwr.clipping import l2_norm
-from popri_flwr.dpo import DPOStep, DPOStepConfig
-from popri_flwr.embedding import get_embedder
-from popri_flwr.generation import SamplingParams, TransformersGenerator
 from popri_flwr.hydra_config import load_config
-from popri_flwr.model_loading import load_causal_lm
-from popri_flwr.privacy import PrivacyAccountant
+from popri_flwr.models.dpo import DPOStep, DPOStepConfig
+from popri_flwr.models.embedding import get_embedder
+from popri_flwr.models.generation import SamplingParams, TransformersGenerator
+from popri_flwr.models.loading import load_causal_lm
+from popri_flwr.privacy.accounting import PrivacyAccountant
+from popri_flwr.privacy.clipping import l2_norm
 from popri_flwr.protocol import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.strategies import popri as popri_module

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from popri_flwr.preference import build_pairs
+from popri_flwr.algorithms.preference import build_pairs
 
 
 def test_best_and_rank_r_by_index_with_duplicate_strings():

@@ -1,4 +1,4 @@
-"""Tests for popri_flwr.privacy and the popri-privacy CLI."""
+"""Tests for popri_flwr.privacy.accounting and the popri-privacy CLI."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from popri_flwr.cli.privacy import build_parser
 from popri_flwr.cli.privacy import main as cli_main
-from popri_flwr.privacy import (
+from popri_flwr.privacy.accounting import (
     ACCOUNTING_METHODS,
     DEFAULT_ACCOUNTING,
     DEFAULT_ORDERS,

@@ -1,4 +1,5 @@
-"""Private Evolution: the vote maths (popri_flwr.voting), the client handler and the strategy.
+"""Private Evolution: the vote maths (popri_flwr.algorithms.voting), the client handler and the
+strategy.
 
 The strategy runs through the shared FakeGrid with the real SmolLM2 generator and MiniLM
 embedder at tiny sizes (population 6, 16 new tokens). Fake clients vote, through the real
@@ -18,17 +19,8 @@ import torch
 from fakegrid import FakeGrid, reply_with, set_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from popri_flwr.config import RunConfig
-from popri_flwr.data import DataConfig
-from popri_flwr.diagnostics import read_diagnostics
-from popri_flwr.embedding import DEFAULT_EMBEDDER, get_embedder
-from popri_flwr.generation import SamplingParams, make_generator
-from popri_flwr.privacy import PrivacyAccountant, compute_epsilon
-from popri_flwr.run_dir import RunDirectory
-from popri_flwr.strategies import strategy_class
-from popri_flwr.strategies.private_evolution import PrivateEvolutionStrategy
-from popri_flwr.variations import expand_population
-from popri_flwr.voting import (
+from popri_flwr.algorithms.variations import expand_population
+from popri_flwr.algorithms.voting import (
     PEConfig,
     client_vote_vector,
     num_kept,
@@ -36,6 +28,15 @@ from popri_flwr.voting import (
     select_top,
     vote_counts,
 )
+from popri_flwr.config import RunConfig
+from popri_flwr.data import DataConfig
+from popri_flwr.models.embedding import DEFAULT_EMBEDDER, get_embedder
+from popri_flwr.models.generation import SamplingParams, make_generator
+from popri_flwr.privacy.accounting import PrivacyAccountant, compute_epsilon
+from popri_flwr.privacy.diagnostics import read_diagnostics
+from popri_flwr.run_dir import RunDirectory
+from popri_flwr.strategies import strategy_class
+from popri_flwr.strategies.private_evolution import PrivateEvolutionStrategy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARAMS = SamplingParams(max_new_tokens=16, truncate_tokens=16, seed=0)

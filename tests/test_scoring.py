@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from popri_flwr.scoring import client_score_vector, similarity_scores, standardize
+from popri_flwr.algorithms.scoring import client_score_vector, similarity_scores, standardize
 
 
 def _unit(rng, n, d):

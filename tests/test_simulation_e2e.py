@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from popri_flwr.diagnostics import read_diagnostics
 from popri_flwr.hydra_config import load_config
-from popri_flwr.privacy import compute_epsilon
+from popri_flwr.privacy.accounting import compute_epsilon
+from popri_flwr.privacy.diagnostics import read_diagnostics
 from popri_flwr.simulation import run_simulation
 
 TINY = [

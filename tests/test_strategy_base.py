@@ -18,10 +18,10 @@ import pytest
 from fakegrid import FakeGrid, reply_with, set_task_identity
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from popri_flwr.clipping import clip_to_norm
 from popri_flwr.config import ConfigError
-from popri_flwr.diagnostics import read_diagnostics
-from popri_flwr.privacy import PrivacyAccountant, compute_epsilon
+from popri_flwr.privacy.accounting import PrivacyAccountant, compute_epsilon
+from popri_flwr.privacy.clipping import clip_to_norm
+from popri_flwr.privacy.diagnostics import read_diagnostics
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.strategies.base import NOT_DP_MARKER, PopulationError, PrivateStrategy
 
@@ -194,7 +194,7 @@ def test_noise_has_the_calibrated_spread_with_clients_replying(tmp_path):
 # ------------------------------------------------------------------------------ the attacker
 def _candidate_noises(seed: int, server_round: int, dim: int, std: float):
     """Every way an attacker might re-derive the noise from a seed found in the run dir."""
-    from popri_flwr.randomness import seeded_rng
+    from popri_flwr.privacy.randomness import seeded_rng
 
     gens = [
         seeded_rng(seed, server_round, "noise"),

@@ -1,4 +1,4 @@
-"""Tests for popri_flwr.synthetic and ``popri-generate`` with the real packaged SmolLM2.
+"""Tests for popri_flwr.evaluation.synthetic and ``popri-generate`` with the real packaged SmolLM2.
 
 A fake-but-complete POPri run directory is written once per module: the run's resolved config
 (tiny sampling settings), a public set, ``state.json`` saying round 1 finished, and a LoRA
@@ -17,19 +17,19 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
+from popri_flwr.algorithms.prompts import few_shot_prompt
 from popri_flwr.cli.generate import main as cli_main
 from popri_flwr.config import RunConfig, from_mapping, to_dict
+from popri_flwr.evaluation.synthetic import generate_synthetic, load_texts_jsonl
 from popri_flwr.hydra_config import compose
-from popri_flwr.index_sampling import _noise_processor, prompt_for
-from popri_flwr.model_loading import (
+from popri_flwr.models.index_sampling import _noise_processor, prompt_for
+from popri_flwr.models.loading import (
     DEFAULT_GENERATOR,
     load_causal_lm,
     load_generator_model,
     resolve_model_path,
 )
-from popri_flwr.prompts import few_shot_prompt
 from popri_flwr.run_dir import find_adapter
-from popri_flwr.synthetic import generate_synthetic, load_texts_jsonl
 
 PUBLIC = [
     "The President spoke about the economy and the jobs created this year.",

@@ -26,8 +26,8 @@ def load_benchmark_config(preset: str, overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from popri_flwr.benchmark import BenchmarkConfig
     from popri_flwr.config import from_mapping
+    from popri_flwr.evaluation.benchmark import BenchmarkConfig
     from popri_flwr.hydra_config import config_dir
 
     folder = config_dir() / "benchmark"
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         bc = load_benchmark_config(args.preset, args.overrides)
-        from popri_flwr.benchmark import run_benchmark
+        from popri_flwr.evaluation.benchmark import run_benchmark
 
         rows = run_benchmark(bc)
     except ConfigError as err:

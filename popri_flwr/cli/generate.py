@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_dir is None and (args.out is None or args.model is None):
         parser.error("without RUN_DIR, --model and --out are required")
     try:
-        from popri_flwr.synthetic import generate_synthetic
+        from popri_flwr.evaluation.synthetic import generate_synthetic
 
         public = None
         if args.public_set is not None:

@@ -1,6 +1,6 @@
 """``popri-privacy``: epsilon of a noise multiplier, or the noise multiplier for an epsilon.
 
-Standalone front end to :mod:`popri_flwr.privacy` (client-level accounting of the
+Standalone front end to :mod:`popri_flwr.privacy.accounting` (client-level accounting of the
 Poisson-subsampled Gaussian mechanism). Every answer is given by both accountants, PLD (the
 default) and RDP, side by side; ``--accounting`` picks the one reported as *the* answer (the first
 line and the unsuffixed JSON keys), as ``privacy.accounting`` does for a run. Also runnable as
@@ -15,7 +15,7 @@ import math
 import sys
 from typing import Any
 
-from popri_flwr.privacy import (
+from popri_flwr.privacy.accounting import (
     ACCOUNTING_METHODS,
     DEFAULT_ACCOUNTING,
     calibrate_noise_multiplier,

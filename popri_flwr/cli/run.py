@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from popri_flwr.config import ConfigError, load_run_config
-from popri_flwr.hydra_config import check_overrides, config_dir
+from popri_flwr.hydra_config import check_overrides, config_dir, register_schema
 
 logger = logging.getLogger("popri_flwr.cli.run")
 
@@ -65,7 +65,8 @@ def main() -> None:
         OmegaConf.register_new_resolver("popri_or", lambda a, b: b if a in (None, "") else a)
     _quiet_third_party_logs()
     try:
-        check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+        sys.argv[1:] = check_overrides(sys.argv[1:])  # inf spelled one way; 1e999 refused
+        register_schema()
         _precheck_run_dir(sys.argv[1:])
         hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_run)()
     except ConfigError as err:  # e.g. POPRI_CONFIG_DIR wrong: one clear line, exit 2

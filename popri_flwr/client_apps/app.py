@@ -95,7 +95,7 @@ def client_id(context: Context) -> str:
         return f"partition-{int(node['partition-id'])}"
     raise ValueError(
         "node config: this SuperNode has no data-path, client-id or partition-id; start it "
-        "with --node-config \"data-path='FILE'\" (or \"partition-id=N num-partitions=M\")"
+        'with --node-config "data-path=\'FILE\'" (or "partition-id=N num-partitions=M")'
     )
 
 

@@ -8,7 +8,7 @@ Why not Flower's ``fixedclipping_mod``: it expects the reply to be the full new 
 under the keys that were sent and clips ``reply - sent`` with ``clip_inputs_inplace``. Our
 protocol replies with the update itself as one flat vector, which the server re-checks
 (length, finite, norm <= C) like every other method's vector; the clipping is the same FlatClip
-rule (:func:`popri_flwr.clipping.clip_to_norm`, tested against Flower's), computed in
+rule (:func:`popri_flwr.privacy.clipping.clip_to_norm`, tested against Flower's), computed in
 float64 and safe for a zero update (Flower's divides by the norm).
 """
 
@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
-from popri_flwr.client_apps import resources
-from popri_flwr.clipping import clip_to_norm
-from popri_flwr.downstream import DownstreamConfig, load_tokenizer
-from popri_flwr.fedavg_update import (
+from popri_flwr.algorithms.fedavg_update import (
     FedAvgConfig,
     build_fedavg_model,
     frozen_fingerprint,
     load_param_arrays,
     local_train,
 )
+from popri_flwr.client_apps import resources
+from popri_flwr.evaluation.downstream import DownstreamConfig, load_tokenizer
+from popri_flwr.privacy.clipping import clip_to_norm
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 
 logger = logging.getLogger(__name__)

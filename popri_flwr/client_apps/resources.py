@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Context
 
 from popri_flwr.data import DataConfig, Federation, load_federation, load_public_texts
-from popri_flwr.embedding import Embedder, get_embedder
+from popri_flwr.models.embedding import Embedder, get_embedder
 
 logger = logging.getLogger(__name__)
 

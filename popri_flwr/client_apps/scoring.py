@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Message
 
+from popri_flwr.algorithms.scoring import client_score_vector
 from popri_flwr.client_apps import resources
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
-from popri_flwr.scoring import client_score_vector
 
 
 def score(msg: Message, node: resources.NodeData) -> np.ndarray:

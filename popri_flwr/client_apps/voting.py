@@ -1,7 +1,8 @@
 """Private Evolution's client: vote for the population members nearest to the private texts.
 
 What leaves the client is exactly one vector: its nearest-neighbour vote histogram scaled to L2
-norm C (zeros for a client without texts), see :func:`popri_flwr.voting.client_vote_vector`.
+norm C (zeros for a client without texts), see
+:func:`popri_flwr.algorithms.voting.client_vote_vector`.
 Nothing about the private texts (not even their number) is reported.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Message
 
+from popri_flwr.algorithms.voting import client_vote_vector
 from popri_flwr.client_apps import resources
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
-from popri_flwr.voting import client_vote_vector
 
 
 def vote(msg: Message, node: resources.NodeData) -> np.ndarray:

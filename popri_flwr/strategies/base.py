@@ -16,7 +16,7 @@ validation, noise, accounting, the run directory, the round log, diagnostics and
 What is released (``rounds.jsonl``, ``samples/``, the adapter or model, ``state.json``) is a
 function of the noisy releases and public inputs only. Un-noised statistics of the clients
 (how many were sampled, failed or rejected and why, client timings, evaluation on held-out
-private text) go to :class:`~popri_flwr.diagnostics.Diagnostics`, off unless enabled.
+private text) go to :class:`~popri_flwr.privacy.diagnostics.Diagnostics`, off unless enabled.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from popri_flwr.aggregation import check_vector, noisy_sum
-from popri_flwr.client_sampling import poisson_sample
-from popri_flwr.diagnostics import Diagnostics
-from popri_flwr.privacy import PrivacyAccountant
+from popri_flwr.privacy.accounting import PrivacyAccountant
+from popri_flwr.privacy.aggregation import check_vector, noisy_sum
+from popri_flwr.privacy.client_sampling import poisson_sample
+from popri_flwr.privacy.diagnostics import Diagnostics
+from popri_flwr.privacy.randomness import secret_rng, seeded_rng
 from popri_flwr.protocol import (
     IDENTITY_CONFIG,
     IDENTITY_KEY,
@@ -51,7 +52,6 @@ from popri_flwr.protocol import (
     REPLY_METRICS,
     reply_vector,
 )
-from popri_flwr.randomness import secret_rng, seeded_rng
 from popri_flwr.run_dir import RunDirectory
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ Round t (clip C, noise multiplier sigma, Poisson rate q, population N)::
     server  : s = sum_i v_i + N(0, sigma^2 C^2 I)                        (PrivateStrategy)
               w_{t+1} = w_t + server_lr * s / (q N)                    (fixed denominator)
 
-The model is the downstream LM every other method is scored with (:mod:`popri_flwr.downstream`),
+The model is the downstream LM every other method is scored with
+(:mod:`popri_flwr.evaluation.downstream`),
 so DP-FedAvg's final model is directly comparable with a downstream LM trained on synthetic text.
 Evaluation only, with diagnostics on (simulation): after each round the global model's
 next-token accuracy on held-out private text (a seeded subsample of
@@ -42,8 +43,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from popri_flwr.downstream import DownstreamConfig, encode_for_lm, evaluate_lm, load_tokenizer
-from popri_flwr.fedavg_update import (
+from popri_flwr.algorithms.fedavg_update import (
     FedAvgConfig,
     build_fedavg_model,
     expected_clients,
@@ -53,6 +53,12 @@ from popri_flwr.fedavg_update import (
     param_arrays,
     server_step,
     unflatten_params,
+)
+from popri_flwr.evaluation.downstream import (
+    DownstreamConfig,
+    encode_for_lm,
+    evaluate_lm,
+    load_tokenizer,
 )
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 from popri_flwr.strategies.base import PrivateStrategy
@@ -73,7 +79,7 @@ class DPFedAvgStrategy(PrivateStrategy):
     Parameters
     ----------
     model
-        The global model (from :func:`~popri_flwr.fedavg_update.build_fedavg_model`); its
+        The global model (from :func:`~popri_flwr.algorithms.fedavg_update.build_fedavg_model`); its
         trainable parameters are what is sent, trained and noised.
     tokenizer
         The downstream tokenizer (saved with the final model).
@@ -116,9 +122,9 @@ class DPFedAvgStrategy(PrivateStrategy):
     def from_config(cls, cfg: Any, *, federation: Any, **common: Any) -> DPFedAvgStrategy:
         """Build the downstream model and the strategy from a :class:`~popri_flwr.config.RunConfig`.
 
-        ``strategy.fedavg`` is a :class:`~popri_flwr.fedavg_update.FedAvgConfig`.
+        ``strategy.fedavg`` is a :class:`~popri_flwr.algorithms.fedavg_update.FedAvgConfig`.
         """
-        from popri_flwr.model_loading import resolve_device
+        from popri_flwr.models.loading import resolve_device
 
         fedavg = cfg.strategy.fedavg
         tokenizer = load_tokenizer(cfg.downstream)
@@ -280,7 +286,7 @@ class DPFedAvgStrategy(PrivateStrategy):
             ``best_top1``/``best_top5``/``best_round`` over the rounds' diagnostics; empty when
             diagnostics are off (the accuracy on private text is not part of the release).
         """
-        from popri_flwr.diagnostics import read_diagnostics
+        from popri_flwr.privacy.diagnostics import read_diagnostics
 
         root = self.run_dir.path
         final, tmp = root / "final_model", root / "final_model.tmp"
@@ -364,7 +370,7 @@ def evaluate_run_dir(
         ``accuracy`` (top-1), ``top5_accuracy``, ``eval_loss``, ``eval_tokens`` and
         ``model_round``.
     """
-    from popri_flwr.model_loading import resolve_device
+    from popri_flwr.models.loading import resolve_device
     from popri_flwr.run_dir import read_run_config
 
     run_dir = Path(run_dir)

@@ -13,7 +13,10 @@ from typing import Any
 
 from popri_flwr.config import ConfigError, RunConfig, load_run_config, to_dict
 from popri_flwr.data import Federation, load_federation
-from popri_flwr.privacy import PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
+from popri_flwr.privacy.accounting import (
+    PrivacyAccountant,
+    compute_epsilon,
+)
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.strategies import strategy_class
 from popri_flwr.strategies.base import PrivateStrategy
@@ -28,28 +31,28 @@ def make_accountant(cfg: RunConfig) -> PrivacyAccountant:
     A given noise multiplier must not overspend the target over the configured rounds.
     """
     p = cfg.privacy
-    if math.isinf(p.epsilon):
-        logger.warning("privacy.epsilon=inf: NO differential privacy for this run")
-        sigma = p.noise_multiplier or 0.0
-    elif p.noise_multiplier is None:
-        sigma = calibrate_noise_multiplier(
+    if p.noise_multiplier is None and not math.isinf(p.epsilon):
+        acc = PrivacyAccountant.calibrated(
             p.epsilon, p.delta, cfg.rounds, p.sample_rate, accounting=p.accounting
         )
     else:
-        sigma = p.noise_multiplier
+        if math.isinf(p.epsilon):
+            logger.warning("privacy.epsilon=inf: NO differential privacy for this run")
+        sigma = p.noise_multiplier or 0.0
         eps = compute_epsilon(sigma, p.sample_rate, cfg.rounds, p.delta, accounting=p.accounting)
         if eps > p.epsilon:
             raise ConfigError(
                 f"privacy.noise_multiplier: {sigma:g} spends epsilon {eps:.4g} > "
                 f"privacy.epsilon={p.epsilon:g} over {cfg.rounds} rounds; raise it or unset it"
             )
-    acc = PrivacyAccountant(
-        noise_multiplier=sigma,
-        sample_rate=p.sample_rate,
-        delta=p.delta,
-        target_epsilon=p.epsilon,
-        accounting=p.accounting,
-    )
+        acc = PrivacyAccountant(
+            noise_multiplier=sigma,
+            sample_rate=p.sample_rate,
+            delta=p.delta,
+            target_epsilon=p.epsilon,
+            accounting=p.accounting,
+        )
+    sigma = acc.noise_multiplier
     logger.info(
         "Privacy: sigma=%.4g for epsilon=%s, delta=%g, %d rounds, q=%g (Poisson, add/remove one "
         "client, %s)",

@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from popri_flwr.algorithms.preference import build_pairs
+from popri_flwr.algorithms.prompts import build_prompts
+from popri_flwr.algorithms.public_set import build_public_set
 from popri_flwr.config import check as _check
-from popri_flwr.distribution_metrics import fid
-from popri_flwr.dpo import DPOStep
-from popri_flwr.embedding import Embedder
-from popri_flwr.generation import Generator, SamplingParams, generate_samples
-from popri_flwr.preference import build_pairs
-from popri_flwr.prompts import build_prompts
+from popri_flwr.evaluation.distribution_metrics import fid
+from popri_flwr.models.dpo import DPOStep
+from popri_flwr.models.embedding import Embedder
+from popri_flwr.models.generation import Generator, SamplingParams, generate_samples
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
-from popri_flwr.public_set import build_public_set
 from popri_flwr.strategies.base import PrivateStrategy, eval_embeddings_for
 
 logger = logging.getLogger(__name__)
@@ -142,9 +142,9 @@ class PopriStrategy(PrivateStrategy):
     @classmethod
     def from_config(cls, cfg: Any, *, federation: Any, **common: Any) -> PopriStrategy:
         """Build models and the strategy from a :class:`~popri_flwr.config.RunConfig`."""
-        from popri_flwr.embedding import get_embedder
-        from popri_flwr.generation import TransformersGenerator, generator_from_config
-        from popri_flwr.model_loading import load_causal_lm
+        from popri_flwr.models.embedding import get_embedder
+        from popri_flwr.models.generation import TransformersGenerator, generator_from_config
+        from popri_flwr.models.loading import load_causal_lm
 
         g, s = cfg.generation, cfg.strategy
         # A fresh base model per run (0.5 s from the cache): the DPO step wraps it with its
@@ -152,7 +152,9 @@ class PopriStrategy(PrivateStrategy):
         model, tokenizer = load_causal_lm(g.model, device=cfg.dpo.device, cache_dir=g.cache_dir)
         dpo = DPOStep(model, tokenizer, cfg.dpo)
         if g.backend == "transformers":
-            generator = TransformersGenerator(dpo.model, tokenizer, batch_size=g.batch_size)
+            generator = TransformersGenerator(
+                dpo.model, tokenizer, batch_size=g.batch_size, dtype=g.dtype
+            )
         else:  # vLLM generates from the adapter the strategy saves after each DPO round
             generator = generator_from_config(g)
         embedder = get_embedder(cfg.embedder.model, cfg.embedder.device)

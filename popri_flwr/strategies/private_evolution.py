@@ -17,7 +17,8 @@ in round t-1's population: the member itself if kept, the paraphrased one if a v
 vote histogram depends on private data, through the same Poisson-subsampled Gaussian mechanism
 (and accountant) as POPri, so the same sigma, q and rounds spend the same epsilon.
 
-The vote maths lives in :mod:`popri_flwr.voting`; sampling, validation, noise, accounting and
+The vote maths lives in :mod:`popri_flwr.algorithms.voting`; sampling, validation, noise,
+accounting and
 resume in :class:`~popri_flwr.strategies.base.PrivateStrategy`.
 """
 
@@ -29,14 +30,14 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from popri_flwr.distribution_metrics import fid
-from popri_flwr.embedding import Embedder
-from popri_flwr.generation import Generator, SamplingParams
+from popri_flwr.algorithms.public_set import build_public_set
+from popri_flwr.algorithms.variations import generate_variations, with_seed
+from popri_flwr.algorithms.voting import PEConfig, refill_parents, select_top, vote_summary
+from popri_flwr.evaluation.distribution_metrics import fid
+from popri_flwr.models.embedding import Embedder
+from popri_flwr.models.generation import Generator, SamplingParams
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
-from popri_flwr.public_set import build_public_set
 from popri_flwr.strategies.base import PrivateStrategy, eval_embeddings_for
-from popri_flwr.variations import generate_variations, with_seed
-from popri_flwr.voting import PEConfig, refill_parents, select_top, vote_summary
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,8 @@ class PrivateEvolutionStrategy(PrivateStrategy):
         samples_per_prompt``, the number of texts POPri generates per round), ``keep_fraction``
         and ``votes_k``.
         """
-        from popri_flwr.embedding import get_embedder
-        from popri_flwr.generation import generator_from_config
+        from popri_flwr.models.embedding import get_embedder
+        from popri_flwr.models.generation import generator_from_config
 
         g, s = cfg.generation, cfg.strategy
         # Validate before loading any model.

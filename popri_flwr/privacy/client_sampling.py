@@ -2,7 +2,7 @@
 
 Each client of the population takes part in a round independently with probability q, so
 the number taken is Binomial(N, q) (mean Nq, variance Nq(1-q)), not a fixed round(qN). The
-draws must come from :func:`popri_flwr.randomness.secret_rng`: amplification by subsampling
+draws must come from :func:`popri_flwr.privacy.randomness.secret_rng`: amplification by subsampling
 holds only while the sample is secret.
 """
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popri_flwr.clipping import clip_to_norm
+from popri_flwr.privacy.clipping import clip_to_norm
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,6 @@
 
 * :func:`fid`: Fréchet distance between Gaussian fits, the per-round metric of the paper.
 * :func:`precision_recall`: k-NN manifold precision/recall (Kynkäänniemi et al., 2019).
-* :func:`mean_cosine_to_nearest`: average cosine similarity of each synthetic sample to its
-  nearest real sample.
 
 numpy/scipy only, so the server can compute them without torch.
 """
@@ -169,28 +167,3 @@ def precision_recall(real: np.ndarray, synthetic: np.ndarray, k: int = 3) -> dic
         "k_real": float(k_real),
         "k_synthetic": float(k_syn),
     }
-
-
-def mean_cosine_to_nearest(real: np.ndarray, synthetic: np.ndarray) -> float:
-    """Mean over synthetic samples of the cosine similarity to the nearest real sample.
-
-    Rows are L2-normalized here, so any embeddings work. Swap the arguments for the coverage
-    direction (how close each real sample is to some synthetic one).
-
-    Raises
-    ------
-    ValueError
-        An empty set, different dimensions, non-finite values, or an all-zero row.
-    """
-    real, synthetic = _check_pair(
-        real, synthetic, ("real", "synthetic"), "mean_cosine_to_nearest", min_rows=1
-    )
-    norms_r = np.linalg.norm(real, axis=1, keepdims=True)
-    norms_s = np.linalg.norm(synthetic, axis=1, keepdims=True)
-    if (norms_r == 0).any() or (norms_s == 0).any():
-        raise ValueError("mean_cosine_to_nearest: an embedding row is all zeros")
-    real, synthetic = real / norms_r, synthetic / norms_s
-    best = np.concatenate(
-        [(synthetic[s : s + _CHUNK] @ real.T).max(axis=1) for s in range(0, len(synthetic), _CHUNK)]
-    )
-    return float(best.mean())

@@ -183,7 +183,7 @@ def load_generator_model(
     adapter_path
         A PEFT adapter directory, or None for the base model.
     device, cache_dir
-        See :func:`popri_flwr.model_loading.load_causal_lm`.
+        See :func:`popri_flwr.models.loading.load_causal_lm`.
 
     Returns
     -------

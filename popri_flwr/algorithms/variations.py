@@ -9,8 +9,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from popri_flwr.generation import Generator, SamplingParams, generate_samples
-from popri_flwr.prompts import variation_prompt
+from popri_flwr.algorithms.prompts import variation_prompt
+from popri_flwr.models.generation import Generator, SamplingParams, generate_samples
 
 logger = logging.getLogger(__name__)
 

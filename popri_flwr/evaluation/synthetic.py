@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from popri_flwr.config import RunConfig
-from popri_flwr.generation import SamplingParams, generate_samples
-from popri_flwr.index_sampling import IndexSeededGenerator, prompt_for
-from popri_flwr.model_loading import load_generator_model
+from popri_flwr.models.generation import SamplingParams, generate_samples
+from popri_flwr.models.index_sampling import IndexSeededGenerator, prompt_for
+from popri_flwr.models.loading import load_generator_model
 from popri_flwr.run_dir import atomic_write_text, find_adapter, read_run_config
 
 logger = logging.getLogger(__name__)
@@ -447,8 +447,8 @@ def _append_texts(
 
 def _zero_shot_public_set(cfg: RunConfig, model: Any, tokenizer: Any, batch_size: int):
     """POPri's public set for a run-less call: from ``public_set.path`` or zero-shot."""
-    from popri_flwr.generation import TransformersGenerator
-    from popri_flwr.public_set import build_public_set
+    from popri_flwr.algorithms.public_set import build_public_set
+    from popri_flwr.models.generation import TransformersGenerator
 
     p = cfg.public_set
     params = SamplingParams(

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 
+from popri_flwr.algorithms.prompts import zero_shot_prompt
 from popri_flwr.data import load_public_texts
-from popri_flwr.generation import Generator, SamplingParams, generate_samples
-from popri_flwr.prompts import zero_shot_prompt
+from popri_flwr.models.generation import Generator, SamplingParams, generate_samples
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 S = sum_i v_i + N(0, (z * C)^2 I) over the accepted client vectors v_i, each re-checked on the
 server: right length, finite, ||v_i||_2 <= C exactly (clients clip a hair inside C, see
-:mod:`popri_flwr.clipping`). A client that ignores the clip cannot raise the sensitivity; its
+:mod:`popri_flwr.privacy.clipping`). A client that ignores the clip cannot raise the sensitivity;
+its
 reply is dropped (logged), and the round goes on.
 
 Floating point: the release is rounded to a grid of ``noise_std * 2**-GRID_BITS`` (post-
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from popri_flwr.clipping import l2_norm
+from popri_flwr.privacy.clipping import l2_norm
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def noisy_sum(
 ) -> np.ndarray:
     """``sum(vectors) + N(0, noise_std^2 I)`` in float64, rounded to the noise grid.
 
-    ``rng`` must be secret (:func:`popri_flwr.randomness.secret_rng`) for the release to be
+    ``rng`` must be secret (:func:`popri_flwr.privacy.randomness.secret_rng`) for the release to be
     private; the global ``np.random`` state is never used.
     """
     total = np.zeros(dim, dtype=np.float64)

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from popri_flwr.generation import SamplingParams
-from popri_flwr.prompts import build_prompts
+from popri_flwr.algorithms.prompts import build_prompts
+from popri_flwr.models.generation import SamplingParams
 
 #: Mixed into the per-index seeds so that prompts and sampling noise use different streams.
 PROMPT_TAG, NOISE_TAG = 0x50524F4D, 0x4E4F4953
@@ -59,8 +59,8 @@ def _noise_processor(seeds: Sequence[int]):
 class IndexSeededGenerator:
     """Generator whose row ``r`` samples from the stream seeded by ``(seed, indices[r])``.
 
-    Implements :class:`popri_flwr.generation.Generator` for ``num_samples=1`` and one batch,
-    so :func:`popri_flwr.generation.generate_samples` does the cutting and truncation.
+    Implements :class:`popri_flwr.models.generation.Generator` for ``num_samples=1`` and one batch,
+    so :func:`popri_flwr.models.generation.generate_samples` does the cutting and truncation.
     """
 
     def __init__(self, model: Any, tokenizer: Any, indices: Sequence[int], seed: int) -> None:

@@ -7,7 +7,7 @@ Round t with global trainable parameters w_t (clip C, noise multiplier sigma, ra
     server  : s       = sum_i v_i + N(0, (sigma C)^2 I)                (PrivateStrategy)
               w_{t+1} = w_t + server_lr * s / (q N)
 
-The downstream LM (:mod:`popri_flwr.downstream`) is the model being trained, either whole
+The downstream LM (:mod:`popri_flwr.evaluation.downstream`) is the model being trained, either whole
 (``train_mode="full"``) or through a LoRA adapter (``train_mode="lora"``: only the adapter is
 sent, trained and noised, so the vector is small). Parameters are flattened in
 ``model.named_parameters()`` order (trainable ones only; tied weights once).
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from popri_flwr.downstream import DownstreamConfig, _lm_loss, build_model, encode_for_lm
+from popri_flwr.evaluation.downstream import DownstreamConfig, _lm_loss, build_model, encode_for_lm
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +142,6 @@ def _uses_conv1d(model: torch.nn.Module) -> bool:
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` of the trainable parameters, in ``named_parameters()`` order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def num_trainable(model: torch.nn.Module) -> int:
-    """Length of the DP-FedAvg vector: the number of trainable parameters."""
-    return sum(p.numel() for _, p in trainable_parameters(model))
 
 
 def flatten_params(model: torch.nn.Module) -> np.ndarray:

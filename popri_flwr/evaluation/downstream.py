@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from popri_flwr.model_loading import DEFAULT_GENERATOR, resolve_device, resolve_model_path
+from popri_flwr.models.loading import DEFAULT_GENERATOR, resolve_device, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class DownstreamConfig:
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cache_dir
-        Cache for dequantized packaged models (see :mod:`popri_flwr.model_loading`).
+        Cache for dequantized packaged models (see :mod:`popri_flwr.models.loading`).
     """
 
     model: str = SCRATCH

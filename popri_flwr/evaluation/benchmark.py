@@ -9,7 +9,7 @@ One row per (method, epsilon)::
     dp_fedavg  a private run that trains the downstream LM itself; its final model is scored
 
 Every row is scored by the same metric on the same held-out private evaluation text
-(:func:`popri_flwr.downstream.train_downstream`, same seed, same token budget) and::
+(:func:`popri_flwr.evaluation.downstream.train_downstream`, same seed, same token budget) and::
 
     gap_closed = (acc - acc_eps0) / (acc_epsinf - acc_eps0)
 
@@ -184,7 +184,7 @@ class Evaluator:
         self._embedder = None
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        from popri_flwr.embedding import get_embedder
+        from popri_flwr.models.embedding import get_embedder
 
         if self._embedder is None:
             self._embedder = get_embedder(self.cfg.embedder.model, self.cfg.embedder.device)
@@ -192,7 +192,7 @@ class Evaluator:
 
     def distribution(self, texts: Sequence[str]) -> dict[str, float]:
         """FID and k-NN precision/recall of ``texts`` against the evaluation text."""
-        from popri_flwr.distribution_metrics import fid, precision_recall
+        from popri_flwr.evaluation.distribution_metrics import fid, precision_recall
 
         if self._eval_emb is None:
             self._eval_emb = self.embed(self.eval_texts)
@@ -204,7 +204,7 @@ class Evaluator:
 
     def downstream(self, texts: Sequence[str]) -> dict[str, float]:
         """Best-over-epochs top-1/top-5 next-token accuracy of the LM trained on ``texts``."""
-        from popri_flwr.downstream import train_downstream
+        from popri_flwr.evaluation.downstream import train_downstream
 
         result = train_downstream(list(texts), self.eval_texts, self.cfg.downstream)
         return {"accuracy": result.best_top1, "top5_accuracy": result.best_top5}
@@ -230,15 +230,15 @@ def reference_texts(method: str, cfg: RunConfig, evaluator: Evaluator, n: int) -
         if cfg.generation.truncate_tokens:
             from transformers import AutoTokenizer
 
-            from popri_flwr.generation import truncate_to_tokens
-            from popri_flwr.model_loading import resolve_model_path
+            from popri_flwr.models.generation import truncate_to_tokens
+            from popri_flwr.models.loading import resolve_model_path
 
             g = cfg.generation
             tok = AutoTokenizer.from_pretrained(resolve_model_path(g.model, g.cache_dir))
             texts = [truncate_to_tokens(t, tok, g.truncate_tokens) for t in texts]
         return texts
-    from popri_flwr.generation import SamplingParams, generator_from_config
-    from popri_flwr.public_set import build_public_set
+    from popri_flwr.algorithms.public_set import build_public_set
+    from popri_flwr.models.generation import SamplingParams, generator_from_config
 
     g, p = cfg.generation, cfg.public_set
     generator = generator_from_config(g)
@@ -259,7 +259,7 @@ def synthetic_texts(method: str, run_dir: Path, n: int) -> list[str]:
     sampling as the run. PE: the final population, expanded by variations to ``n``.
     """
     if method == "popri":
-        from popri_flwr.synthetic import generate_synthetic, load_texts_jsonl
+        from popri_flwr.evaluation.synthetic import generate_synthetic, load_texts_jsonl
 
         path = generate_synthetic(run_dir, n, _synthetic_path(run_dir))
         return load_texts_jsonl(path)
@@ -270,9 +270,9 @@ def synthetic_texts(method: str, run_dir: Path, n: int) -> list[str]:
 
 def pe_synthetic(run_dir: Path, n: int) -> list[str]:
     """PE's final population (``samples/round_{R+1}.jsonl``), expanded by variations to ``n``."""
-    from popri_flwr.generation import SamplingParams, generator_from_config
+    from popri_flwr.algorithms.variations import expand_population
+    from popri_flwr.models.generation import SamplingParams, generator_from_config
     from popri_flwr.run_dir import RunDirectory
-    from popri_flwr.variations import expand_population
 
     out = _synthetic_path(run_dir)
     if out.exists():
@@ -306,7 +306,7 @@ def run_costs(run_dir: Path) -> dict[str, float]:
     Epsilon and the download size come from the release (``rounds.jsonl``); the upload size
     and client seconds from the run's diagnostics (the benchmark runs with diagnostics on).
     """
-    from popri_flwr.diagnostics import read_diagnostics
+    from popri_flwr.privacy.diagnostics import read_diagnostics
     from popri_flwr.run_dir import RunDirectory
 
     released = RunDirectory(run_dir).read_rounds()
@@ -492,7 +492,7 @@ def write_plots(rows: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
     """Accuracy bars by method and epsilon; FID and epsilon spent by round of every run."""
     written = []
     try:
-        from popri_flwr import plots
+        from popri_flwr.evaluation import plots
 
         plots.plot_accuracy(rows, out / "accuracy.png")
         written.append(out / "accuracy.png")

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from popri_flwr.diagnostics import read_diagnostics
+from popri_flwr.privacy.diagnostics import read_diagnostics
 
 logger = logging.getLogger(__name__)
 

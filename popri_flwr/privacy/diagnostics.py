@@ -6,7 +6,7 @@ epsilon spent. Anything else computed from private data without noise is a *diag
 evaluation on held-out private text (FID, DP-FedAvg's accuracy), the number of clients sampled,
 failed or rejected, which nodes were rejected and why, client-side timings. Diagnostics go to
 ``diagnostics.jsonl`` in the run directory (its first line says what it is) and to the
-``popri_flwr.diagnostics`` logger, only when enabled: on by default in simulation, off by
+``popri_flwr.privacy.diagnostics`` logger, only when enabled: on by default in simulation, off by
 default in a deployment, one switch (``diagnostics``) for every strategy.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("popri_flwr.diagnostics")
+logger = logging.getLogger("popri_flwr.privacy.diagnostics")
 
 FILENAME = "diagnostics.jsonl"
 NOTICE = (

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from popri_flwr.model_loading import resolve_device
+from popri_flwr.models.loading import resolve_device
 
 logger = logging.getLogger(__name__)
 
