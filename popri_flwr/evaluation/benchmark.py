@@ -46,9 +46,9 @@ logger = logging.getLogger(__name__)
 REFERENCES = ("eps0", "epsinf")
 
 #: Bumped when the way rows are scored changes (2: eps-inf texts cut to truncate_tokens; 3: PLD
-#: accounting and secret noise), so rows cached by an older version are computed again instead
-#: of mixed into a new table.
-SCORING_VERSION = 3
+#: accounting and secret noise; 4: prefix-shared, bf16 generation), so rows cached by an older
+#: version are computed again instead of mixed into a new table.
+SCORING_VERSION = 4
 
 #: Column order of ``results.csv`` (and of the Markdown table, minus ``run_dir``).
 COLUMNS = (
