@@ -12,7 +12,6 @@ Examples
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 
@@ -40,34 +39,37 @@ def _run(cfg: DictConfig) -> None:
     except ConfigError as err:  # bad input: one clear line, before any work, exit 2
         print(f"popri-run: error: {err}", file=sys.stderr)
         sys.exit(2)
+    _log_summary(run_dir)
+
+
+def _log_summary(run_dir: str) -> None:
+    """The per-round table and ``summary.png``: the last thing the person reads."""
+    from pathlib import Path
+
     from popri_flwr.evaluation.run_summary import summary_table, write_summary_plot
 
-    logger.info("Per round:\n%s", summary_table(run_dir))
-    plot = write_summary_plot(run_dir)
-    logger.info("Done. Results in %s (rounds.jsonl, samples/, adapter/, %s)", run_dir, plot.name)
+    try:
+        logger.info("Per round:\n%s", summary_table(run_dir))
+        write_summary_plot(run_dir)
+    except Exception:  # the run itself succeeded: a summary failure must not hide its results
+        logger.exception("Could not summarise %s", run_dir)
+    outputs = ("rounds.jsonl", "samples", "adapter", "summary.png")
+    listed = ", ".join(x for x in outputs if (Path(run_dir) / x).exists())
+    logger.info("Done. Results in %s (%s)", run_dir, listed)
 
 
 def _quiet_third_party_logs() -> None:
     # The SuperLink's embedded database logs every migration plugin at INFO.
     for name in ("alembic", "alembic.runtime.plugins", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Library deprecation notices a user of popri-run can do nothing about (narrow filters).
+    # Library notices a user of popri-run can do nothing about, matched by category, module and
+    # message. TRL reads transformers' deprecated alias in every DPO step:
     warnings.filterwarnings(
-        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        "ignore", ".*is_gradient_checkpointing.*", FutureWarning, r"transformers\."
     )
-    warnings.filterwarnings(
-        "ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE.*", category=FutureWarning
-    )
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's tip, in workers too
-    # flwr.simulation.run_simulation is our in-process path (Flower 1.41 has no supported
-    # replacement that takes a ServerApp object); its deprecation banner is not for our users.
-    logging.getLogger("flwr").addFilter(_DropFlowerDeprecation())
-
-
-class _DropFlowerDeprecation(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        return "DEPRECATED FEATURE" not in text and "run_simulation" not in text
+    # Ray's ray.init "Tip" about a future default. Not opted into with the env var it names:
+    # that would let client actors with num_gpus=0 see the GPUs.
+    warnings.filterwarnings("ignore", ".*RAY_ACCEL_ENV_VAR_OVERRIDE.*", FutureWarning, r"ray\.")
 
 
 def _precheck_run_dir(argv: list[str]) -> None:
