@@ -340,7 +340,15 @@ def load_federation(cfg: DataConfig) -> Federation:
             data_files=cfg.hub_data_files,
             **common,
         )
-    logger.info("Loaded federation: %s", fed.summary())
+    info = fed.summary()  # simulation only: the server of a deployment never loads client data
+    logger.info(
+        "Loaded federation %s: %d clients, %d train / %d held-out texts (~%.0f words each)",
+        info["name"],
+        info["clients"],
+        info["train_texts"],
+        info["eval_texts"],
+        info["mean_words_train"],
+    )
     return fed
 
 
