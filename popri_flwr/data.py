@@ -340,7 +340,7 @@ def load_federation(cfg: DataConfig) -> Federation:
             data_files=cfg.hub_data_files,
             **common,
         )
-    info = fed.summary()  # simulation only: the server of a deployment never loads client data
+    info = fed.summary()
     logger.info(
         "Loaded federation %s: %d clients, %d train / %d held-out texts (~%.0f words each)",
         info["name"],

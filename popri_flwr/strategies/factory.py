@@ -88,12 +88,15 @@ def build_strategy(
     simulation
         Picks the default of ``diagnostics`` (on in simulation, off in a deployment).
     num_clients
-        The population N; default ``simulation.num_supernodes`` or the federation's size.
+        The population N. Default: in a deployment ``simulation.num_supernodes`` (the server
+        then never loads client data), else the federation's size.
     """
     run_dir = RunDirectory(cfg.run_dir or "outputs/run")
     config = to_dict(cfg)
     run_dir.check_resume(config, cfg.resume)
     diagnostics = simulation if cfg.diagnostics is None else cfg.diagnostics
+    if num_clients is None and not simulation:  # a deployment: N from the config, no data
+        num_clients = cfg.simulation.num_supernodes
     if federation is None and (num_clients is None or diagnostics):
         federation = load_federation(cfg.data)
     accountant = make_accountant(cfg)
