@@ -23,6 +23,15 @@ Behaviours of TRL 1.16 this module relies on (read from ``trl/trainer/dpo_traine
 * Logged per optimizer step (``logging_steps=1``): ``loss``, ``rewards/chosen``,
   ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen`` ...
   (averaged over the gradient-accumulation micro-batches of that step).
+* With ``precompute_ref_log_probs`` (our config field) the base model's log-probabilities of
+  every pair are computed once per round, before training, by TRL's own
+  ``DPOTrainer.compute_ref_log_probs`` (adapter disabled, no grad, batches from TRL's collator)
+  and stored as the ``ref_chosen_logps``/``ref_rejected_logps`` columns that TRL's collator and
+  ``_compute_loss`` read when ``trainer.precompute_ref_logps`` is set. TRL's
+  ``DPOConfig(precompute_ref_log_probs=True)`` is *not* used: it runs inside the trainer's
+  constructor while TRL's ``"ref"`` adapter copy exists, so from round 2 on the precomputed
+  reference would be last round's policy; it also hashes the whole model and writes a
+  ``datasets`` cache file every round.
 * TRL patches the base model's ``forward`` (fused LM head) and Accelerate may patch the PEFT
   model's ``forward`` (mixed-precision autocast) on every new trainer; both patches are undone
   after each round so they do not nest round after round.
@@ -80,6 +89,11 @@ class DPOStepConfig:
         bf16 mixed precision; ``None`` = on CUDA only.
     gradient_checkpointing
         Trade compute for memory (off: the default model is small).
+    precompute_ref_log_probs
+        Compute the reference (base model) log-probabilities of a round's pairs once, in one
+        no-grad pass before training, instead of a reference forward at every step. The
+        reference is fixed, so the loss is the same up to float rounding; ``false`` restores
+        TRL's per-step reference forward.
     """
 
     beta: float = 0.01
@@ -106,6 +120,7 @@ class DPOStepConfig:
     seed: int = 0
     bf16: bool | None = None
     gradient_checkpointing: bool = False
+    precompute_ref_log_probs: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.lora_target_modules, str):  # a bare string is an error, below
@@ -144,6 +159,7 @@ class DPOStepConfig:
             ("seed", _int(self.seed, 0), "must be an integer >= 0"),
             ("bf16", bf16 is None or isinstance(bf16, bool), "expected true, false or null"),
             ("gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "a bool"),
+            ("precompute_ref_log_probs", isinstance(self.precompute_ref_log_probs, bool), "a bool"),
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -314,6 +330,7 @@ class DPOStep:
                     optimizers=(self.optimizer, self.scheduler),
                 )
             trainer.remove_callback(PrinterCallback)  # prints every log dict; we log per round
+            trainer.add_callback(_step_bar())  # TRL's own bar is off (it prints log dicts too)
             # TRL 1.16 copies the current adapter into "ref" and would use it as the reference;
             # POPri's reference is the base model, which TRL uses when "ref" is absent.
             if "ref" in self._model.peft_config:
@@ -331,6 +348,9 @@ class DPOStep:
                     len(records),
                     cfg.max_length,
                 )
+            if cfg.precompute_ref_log_probs:
+                trainer.train_dataset = _with_ref_logps(trainer, self._model)
+                trainer.precompute_ref_logps = True  # TRL's loss then reads the columns
             trainer.train()
             steps = int(trainer.state.global_step)
             logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
@@ -433,6 +453,58 @@ class DPOStep:
             self.rounds_trained,
             self.global_step,
         )
+
+
+def _step_bar() -> Any:
+    """A trainer callback showing one progress bar over the round's optimizer steps."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class StepBar(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar = tqdm(total=state.max_steps, desc="DPO steps", unit="step", leave=False)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar.update(1)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar.close()
+
+    return StepBar()
+
+
+def _with_ref_logps(trainer: Any, model: Any) -> Any:
+    """``trainer.train_dataset`` plus the reference log-probs of each pair (adapter disabled).
+
+    Uses TRL's own collator and ``compute_ref_log_probs`` (the same forward its per-step path
+    runs), in order and without shuffling; call after the ``"ref"`` adapter is deleted, so the
+    reference is the base model.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    dataset = trainer.train_dataset
+    loader = DataLoader(
+        dataset,
+        batch_size=trainer.args.per_device_train_batch_size,
+        collate_fn=trainer.data_collator,
+        shuffle=False,
+    )
+    chosen, rejected = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+            ref_c, ref_r = trainer.compute_ref_log_probs(model, batch)
+            chosen.append(ref_c.detach().float().cpu())
+            rejected.append(ref_r.detach().float().cpu())
+    finally:
+        model.train(was_training)
+    ref_chosen = torch.cat(chosen).tolist()
+    ref_rejected = torch.cat(rejected).tolist()
+    dataset = dataset.add_column("ref_chosen_logps", ref_chosen)
+    return dataset.add_column("ref_rejected_logps", ref_rejected)
 
 
 def _check_pairs(pairs: list[dict[str, str]]) -> list[dict[str, str]]:
