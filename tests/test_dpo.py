@@ -114,6 +114,7 @@ def run(tmp_path_factory):
         per_device_batch_size=4,
         gradient_accumulation_steps=1,
         device="cpu",
+        bf16=False,  # float32: the checks below are float32-tight (bf16: test_dpo_reference.py)
     )
     step = DPOStep(model, tok, cfg)
     rec = SimpleNamespace(step=step, cfg=cfg, tok=tok, probe=probe)

