@@ -115,13 +115,48 @@ class StrategyConfig:
 
 @dataclass
 class SimulationConfig:
-    """Flower simulation engine settings (Ray backend)."""
+    """Flower simulation engine settings (Ray backend).
+
+    Attributes
+    ----------
+    num_supernodes
+        Simulated nodes (default: as many as the federation needs).
+    clients_per_node
+        Clients one simulated node serves (a cohort). 1: one node per client (the default).
+        Larger cohorts mean fewer messages per round: the server still samples *clients*
+        (rate q over the whole population) and checks one clipped row per sampled member.
+    client_num_cpus, client_num_gpus
+        Resources of one client actor (Flower sizes its actor pool from the cluster's
+        resources divided by these).
+    round_timeout
+        Seconds to wait for a round's replies.
+    init_args
+        ``ray.init`` arguments, e.g. ``{address: "HEAD_IP:6379"}`` for an existing cluster.
+    """
 
     num_supernodes: int | None = None
+    clients_per_node: int = 1
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
     round_timeout: float = 600.0
     init_args: dict[str, Any] = field(default_factory=dict)
+
+    def population(self, available: int) -> int:
+        """N, the clients the sampling rate refers to, out of ``available`` in the data."""
+        if self.num_supernodes is None:
+            return available
+        n = min(self.num_supernodes * self.clients_per_node, available)
+        if self.num_nodes(n) < self.num_supernodes:
+            raise ConfigError(
+                f"simulation.num_supernodes: {self.num_supernodes} nodes of "
+                f"{self.clients_per_node} client(s) need more than the {available} clients of "
+                "the federation"
+            )
+        return n
+
+    def num_nodes(self, population: int) -> int:
+        """Simulated nodes for ``population`` clients: ceil(N / clients_per_node)."""
+        return -(-int(population) // self.clients_per_node)
 
 
 @dataclass
@@ -327,6 +362,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         "simulation.client_num_cpus",
         "must be > 0",
         cfg.simulation.client_num_cpus,
+    )
+    check(
+        cfg.simulation.clients_per_node >= 1,
+        "simulation.clients_per_node",
+        "must be >= 1",
+        cfg.simulation.clients_per_node,
     )
     return cfg
 

@@ -15,7 +15,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from popri_flwr.protocol import IDENTITY_KEY, PAYLOAD_CONFIG, REPLY_ARRAYS, REPLY_VECTOR
+from popri_flwr.protocol import (
+    IDENTITY_KEY,
+    IDENTITY_MEMBERS,
+    PAYLOAD_CONFIG,
+    REPLY_ARRAYS,
+    REPLY_VECTOR,
+)
 
 
 def set_task_identity() -> None:
@@ -26,15 +32,16 @@ def set_task_identity() -> None:
 class FakeGrid(Grid):
     """Delivers each message to ``behaviours[node_id](msg)``; ``None`` means no reply.
 
-    Identity queries (which client a node serves) are answered with ``identities[node]``,
-    by default ``"client-<node>"``: one node per client. ``sent`` and ``messages`` record the
+    Identity queries (which clients a node serves) are answered with ``identities[node]``,
+    by default ``"client-<node>"``: one node per client; a list is a cohort (many clients on
+    one node). ``sent`` and ``messages`` record the
     train messages only; ``queries`` counts the identity queries.
     """
 
     def __init__(
         self,
         behaviours: dict[int, Callable[[Message], Message | None]],
-        identities: dict[int, str] | None = None,
+        identities: dict[int, str | list[str]] | None = None,
     ):
         self.behaviours = behaviours
         self.identities = identities or {}
@@ -48,9 +55,8 @@ class FakeGrid(Grid):
     def _identify(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         client = self.identities.get(node, f"client-{node}")
-        return Message(
-            RecordDict({PAYLOAD_CONFIG: ConfigRecord({IDENTITY_KEY: client})}), reply_to=msg
-        )
+        key = IDENTITY_MEMBERS if isinstance(client, list) else IDENTITY_KEY
+        return Message(RecordDict({PAYLOAD_CONFIG: ConfigRecord({key: client})}), reply_to=msg)
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)

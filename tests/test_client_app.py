@@ -90,3 +90,64 @@ def test_a_load_texts_function_gives_the_nodes_texts():
 def test_identity_names_the_client():
     assert client_id(_context({"partition-id": 3, "num-partitions": 5})) == "partition-3"
     assert client_id(_context({"client-id": "alice", "partition-id": 3})) == "alice"
+
+
+def _members_message(emb, members):
+    msg = _score_message(emb)
+    msg.content["config"]["members"] = list(members)
+    return msg
+
+
+def test_a_cohort_node_answers_one_row_per_sampled_member():
+    from popri_flwr.client_apps import resources
+    from popri_flwr.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.data.max_clients, cfg.data.max_texts_per_client = 8, 3
+    cfg.simulation.clients_per_node = 3  # 8 clients: nodes of 3, 3 and 2
+    app = make_client_app(config=cfg)
+    embedder = get_embedder(DEFAULT_EMBEDDER, "cpu")
+    samples = embedder.embed(["Taxes were cut.", "Ships sailed.", "A poem.", "The union."])
+    identity = app(
+        Message(
+            RecordDict({"config": ConfigRecord({"identity": True})}),
+            dst_node_id=2,
+            message_type=MessageType.QUERY,
+        ),
+        _context({"partition-id": 2, "num-partitions": 3}),
+    )
+    assert list(identity.content["config"]["client-ids"]) == ["partition-6", "partition-7"]
+    reply = app(_members_message(samples, [2, 0]), _context({"partition-id": 1}))
+    rows = reply.content[REPLY_ARRAYS][REPLY_VECTOR].numpy()
+    assert rows.shape == (2, len(samples))
+    for row, client in zip(rows, (5, 3), strict=True):  # members 2 and 0 of node 1
+        texts = resources.client_texts(cfg.data, client)
+        expected = client_score_vector(samples, embedder.embed(texts), 0.5)
+        np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-5)
+        assert l2_norm(row) <= 0.5
+
+
+def test_a_silo_serves_its_users_through_load_cohort():
+    users = {
+        "alice": ["Taxes must fall and the budget must balance."],
+        "bob": ["The navy patrols the seas.", "Ships and sailors."],
+    }
+    app = make_client_app(load_cohort=lambda context: users)
+    embedder = get_embedder(DEFAULT_EMBEDDER, "cpu")
+    samples = embedder.embed(["Taxes were cut.", "Ships sailed.", "A poem about cats."])
+    query = Message(
+        RecordDict({"config": ConfigRecord({"identity": True})}),
+        dst_node_id=1,
+        message_type=MessageType.QUERY,
+    )
+    ids = app(query, _context({}, node_id=9)).content["config"]["client-ids"]
+    assert list(ids) == ["alice", "bob"]
+    rows = app(_members_message(samples, [1]), _context({}, node_id=9)).content[REPLY_ARRAYS]
+    expected = client_score_vector(samples, embedder.embed(users["bob"]), 0.5)
+    np.testing.assert_allclose(rows[REPLY_VECTOR].numpy()[0], expected, rtol=1e-4, atol=1e-5)
+    try:
+        app(_members_message(samples, [2]), _context({}, node_id=9))
+    except ValueError as err:
+        assert "index 2 out of range for a node serving 2 clients" in str(err)
+    else:
+        raise AssertionError("an unknown member index must be refused")

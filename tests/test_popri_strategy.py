@@ -138,7 +138,7 @@ def test_a_client_reply_is_only_the_clipped_vector(cfg, tmp_path, monkeypatch):
     assert set(reply.content.keys()) == {REPLY_ARRAYS}  # no metrics, no counts, no timings
     arrays = reply.content[REPLY_ARRAYS]
     assert list(arrays.keys()) == [REPLY_VECTOR]
-    vector = arrays[REPLY_VECTOR].numpy()
+    (vector,) = arrays[REPLY_VECTOR].numpy()  # one row: the node serves one client
     assert vector.shape == (K * J,) and vector.dtype == np.float32
     assert l2_norm(vector) <= 1.0 and l2_norm(vector) > 0.99  # z-scored, then clipped to C
 
@@ -165,7 +165,7 @@ def test_pairs_follow_the_noisy_sum(cfg, tmp_path, monkeypatch, sigma):
         clean = np.zeros(K * J)
         for m in grid.messages[0]:
             reply = grid.behaviours[m.metadata.dst_node_id](m)
-            clean += reply.content[REPLY_ARRAYS][REPLY_VECTOR].numpy().astype(np.float64)
+            clean += reply.content[REPLY_ARRAYS][REPLY_VECTOR].numpy().sum(0, dtype=np.float64)
         np.testing.assert_allclose(release, clean, atol=1e-6)
     else:
         assert strategy.differentially_private

@@ -339,7 +339,7 @@ def test_client_handler_votes_with_its_private_texts(models):
     from popri_flwr.client_apps.app import _handlers
     from popri_flwr.client_apps.voting import vote
 
-    assert _handlers()["pe"] is vote
+    assert _handlers()["pe"].__qualname__.startswith("per_member")  # vote, member by member
     cfg = RunConfig(data=DataConfig(source="file", path=str(FIXTURES / "texts.jsonl"), min_words=1))
     embedder = models[1]
     pop = embedder.embed(["A harbor at dawn.", "Taxes and the budget.", "Schools and teachers."])
@@ -357,6 +357,11 @@ def test_client_handler_votes_with_its_private_texts(models):
     )
     texts = resources.client_texts(cfg.data, 0)
     vec = vote(msg, resources.NodeData("test-node", texts))
+    cohort = resources.Cohort(["a", "b"], [resources.NodeData("empty", []),
+                                           resources.NodeData("test-node", texts)])  # fmt: skip
+    rows = _handlers()["pe"](msg, cohort, [1, 0])
+    np.testing.assert_array_equal(rows[0], vec)
+    np.testing.assert_array_equal(rows[1], 0)  # a member without texts votes for nobody
     private = embedder.embed(texts)
     assert len(private) > 0
     np.testing.assert_allclose(vec, client_vote_vector(pop, private, 0.7, k=2), rtol=1e-5)

@@ -115,7 +115,7 @@ def test_without_diagnostics_nothing_about_clients_is_kept_or_logged(tmp_path, c
     assert read_diagnostics(tmp_path) == []
     # The operator still learns that a reply was rejected, but not from whom or what it held.
     assert "rejected a client reply: L2 norm over the clip bound" in caplog.text
-    assert "from client 2" not in caplog.text and "10" not in caplog.text.split("rejected")[-1]
+    assert "from node 2" not in caplog.text and "10" not in caplog.text.split("rejected")[-1]
     assert "sampled" not in caplog.text
     rec = RunDirectory(tmp_path).read_rounds()[0]
     assert not {k for k in rec if k.startswith("clients_")}
@@ -136,7 +136,7 @@ def test_a_reply_exactly_at_the_bound_is_accepted_and_one_ulp_above_is_not(tmp_p
 def test_more_nodes_than_clients_are_refused_before_sampling(tmp_path):
     strategy = make(tmp_path, n=3)
     grid = FakeGrid({i: honest for i in range(1, 5)})
-    with pytest.raises(PopulationError, match="4 nodes are connected but the population is 3"):
+    with pytest.raises(PopulationError, match="serve 4 clients but the population is 3"):
         strategy.start(grid=grid, num_rounds=1)
     assert grid.sent == [] and RunDirectory(tmp_path).read_rounds() == []
 
@@ -155,6 +155,102 @@ def test_identities_are_asked_once_per_node(tmp_path):
     grid = FakeGrid({i: honest for i in range(1, 5)})
     strategy.start(grid=grid, num_rounds=3)
     assert grid.queries == 4 and len(grid.sent) == 3
+
+
+# ------------------------------------------------------------------------------ cohorts
+def cohort_rows(rows_by_member):
+    """A node serving a cohort: answers one row per member named in the message."""
+
+    def behave(msg: Message) -> Message:
+        members = list(msg.content["config"]["members"])
+        return reply_with(np.stack([rows_by_member(i) for i in members]))(msg)
+
+    return behave
+
+
+def unit_row(i: int) -> np.ndarray:
+    v = np.zeros(DIM, dtype=np.float32)
+    v[i % DIM] = 1.0
+    return v
+
+
+def test_a_cohort_node_answers_for_its_sampled_members_row_by_row(tmp_path):
+    cohorts = {1: ["a", "b", "c"], 2: ["d", "e"]}
+    strategy = make(tmp_path, n=5, diagnostics=True)
+    grid = FakeGrid({n: cohort_rows(unit_row) for n in cohorts}, identities=cohorts)
+    strategy.start(grid=grid, num_rounds=1)
+    members = {m.metadata.dst_node_id: list(m.content["config"]["members"]) for m in
+               grid.messages[0]}  # fmt: skip
+    assert members == {1: [0, 1, 2], 2: [0, 1]}  # q = 1: every client of every cohort
+    expected = np.zeros(DIM)
+    for i in (0, 1, 2, 0, 1):
+        expected[i] += 1.0
+    np.testing.assert_allclose(strategy.releases[0], expected)
+    diag = read_diagnostics(tmp_path)[0]
+    assert diag["clients_sampled"] == 5 and diag["clients_accepted"] == 5
+    assert diag["nodes_contacted"] == 2
+
+
+def test_bad_rows_of_a_cohort_reply_are_dropped_one_by_one(tmp_path):
+    def rows(i):
+        if i == 1:
+            return np.full(DIM, 10.0, dtype=np.float32)  # over the bound
+        if i == 2:
+            return np.full(DIM, np.nan, dtype=np.float32)
+        return unit_row(0)
+
+    def short(msg):  # one row missing: the node's whole reply is refused
+        return reply_with(np.stack([unit_row(0)]))(msg)
+
+    cohorts = {1: ["a", "b", "c", "d"], 2: ["e", "f"]}
+    strategy = make(tmp_path, n=6, diagnostics=True)
+    grid = FakeGrid({1: cohort_rows(rows), 2: short}, identities=cohorts)
+    strategy.start(grid=grid, num_rounds=1)
+    np.testing.assert_allclose(strategy.releases[0], 2 * unit_row(0))  # rows 0 and 3 of node 1
+    diag = read_diagnostics(tmp_path)[0]
+    assert diag["clients_accepted"] == 2 and diag["clients_rejected"] == 4
+    assert {(r["node"], r["row"]) for r in diag["rejections"]} == {(1, 1), (1, 2), (2, 0), (2, 1)}
+
+
+def test_cohorts_are_sampled_client_by_client_not_node_by_node(tmp_path):
+    n_nodes, size, q, draws = 10, 20, 0.3, 300
+    cohorts = {k: [f"c{k}-{i}" for i in range(size)] for k in range(1, n_nodes + 1)}
+    strategy = make(tmp_path, q=q, n=n_nodes * size, sigma=1.0, eps=1e9)
+    grid = FakeGrid({k: cohort_rows(unit_row) for k in cohorts}, identities=cohorts)
+    sizes = np.array(
+        [sum(map(len, strategy.sample_clients(grid, 1).values())) for _ in range(draws)]
+    )
+    n = n_nodes * size
+    # Binomial(200, 0.3): variance 42. Sampling whole nodes would give 20^2 * 10 * 0.21 = 840.
+    assert abs(sizes.mean() - n * q) < 4 * math.sqrt(n * q * (1 - q) / draws)
+    assert sizes.var(ddof=1) == pytest.approx(n * q * (1 - q), rel=0.3)
+
+
+def test_a_client_in_two_cohorts_is_refused(tmp_path):
+    cohorts = {1: ["a", "b"], 2: ["c", "a"]}
+    strategy = make(tmp_path, n=4)
+    grid = FakeGrid({n: cohort_rows(unit_row) for n in cohorts}, identities=cohorts)
+    with pytest.raises(PopulationError, match="nodes 1 and 2 both serve client 'a'"):
+        strategy.start(grid=grid, num_rounds=1)
+    assert grid.sent == []
+
+
+def test_replies_are_summed_as_they_stream_in(tmp_path):
+    """aggregate_train takes an iterator and never needs two replies at once."""
+    strategy = make(tmp_path, n=3)
+    grid = FakeGrid({i: honest for i in range(1, 4)})
+    messages = list(strategy.configure_train(1, None, None, grid))
+    alive = []
+
+    def stream():
+        for m in messages:
+            reply = honest(m)
+            alive.append(reply)
+            yield reply
+            alive.remove(reply)  # the consumer asked for the next one: it is done with this
+
+    strategy.aggregate_train(1, stream())
+    assert alive == []
 
 
 # ------------------------------------------------------------------------------ sampling

@@ -44,6 +44,49 @@ def check_vector(vector: object, expected_len: int, clip_norm: float) -> str | N
     return None
 
 
+def check_rows(
+    array: object, rows: int, expected_len: int, clip_norm: float
+) -> tuple[np.ndarray | None, list[str | None]]:
+    """Check a node's reply for ``rows`` clients, row by row.
+
+    Returns
+    -------
+    (matrix, reasons)
+        ``matrix`` is the reply as ``(rows, expected_len)`` (None if its shape or dtype is
+        wrong: then every row is rejected with the same reason); ``reasons[i]`` says why row
+        ``i`` must be rejected, or is None if the row is acceptable (same rule as
+        :func:`check_vector`).
+    """
+    if not isinstance(array, np.ndarray):
+        return None, [f"not an array ({type(array).__name__})"] * rows
+    if array.ndim == 1 and rows == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape != (rows, expected_len):
+        return None, [f"wrong shape {array.shape}, expected ({rows}, {expected_len})"] * rows
+    if not np.issubdtype(array.dtype, np.floating):
+        return None, [f"wrong dtype {array.dtype}, expected float"] * rows
+    finite = np.isfinite(array).all(axis=1)
+    reasons: list[str | None] = [None] * rows
+    for i in np.flatnonzero(~finite):
+        reasons[i] = "non-finite values (NaN or inf)"
+    safe = np.where(finite[:, None], array, 0).astype(np.float64, copy=False)
+    norms = np.sqrt(np.einsum("ij,ij->i", safe, safe))
+    for i in np.flatnonzero(norms > clip_norm):
+        # Re-measured exactly as for a single vector (no slack), so both paths agree.
+        norm = l2_norm(array[i])
+        if norm > clip_norm:
+            reasons[i] = f"L2 norm {norm:.9g} exceeds the clip bound {clip_norm}"
+    return array, reasons
+
+
+def add_noise(total: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """``total + N(0, noise_std^2 I)`` in float64, rounded to the noise grid (the release)."""
+    total = np.asarray(total, dtype=np.float64)
+    if noise_std > 0:
+        total = total + rng.normal(0.0, noise_std, size=total.shape)
+    return round_to_grid(total, noise_std)
+
+
 def round_to_grid(values: np.ndarray, noise_std: float) -> np.ndarray:
     """``values`` rounded to multiples of a power of two near ``noise_std / 2**GRID_BITS``."""
     if noise_std <= 0:
@@ -63,6 +106,4 @@ def noisy_sum(
     total = np.zeros(dim, dtype=np.float64)
     for vec in vectors:
         total += vec.astype(np.float64)
-    if noise_std > 0:
-        total += rng.normal(0.0, noise_std, size=dim)
-    return round_to_grid(total, noise_std)
+    return add_noise(total, noise_std, rng)

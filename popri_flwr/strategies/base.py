@@ -2,13 +2,15 @@
 
 One round, for any method (POPri, Private Evolution, DP-FedAvg)::
 
-    population = the N connected nodes, one distinct client each          (checked)
+    population = the N distinct clients the connected nodes serve            (checked)
     sampled  = {i : u_i < q}, u_i ~ U(0, 1) from fresh OS entropy           (Poisson, secret)
-    replies  = clients' vectors v_i, each clipped by the client to ||v_i||_2 <= C
-    accepted = {v_i : right length, finite, ||v_i||_2 <= C}                (re-checked here)
+    replies  = per node, one row v_i per sampled member, clipped to ||v_i||_2 <= C
+    accepted = {v_i : right length, finite, ||v_i||_2 <= C}          (re-checked, row by row)
     release  = sum_i v_i + N(0, (sigma * C)^2 I), noise from fresh OS entropy  (sensitivity C)
 
-and the accountant composes one Poisson-subsampled Gaussian mechanism per round. Subclasses
+and the accountant composes one Poisson-subsampled Gaussian mechanism per round. A node serves
+one client (a device) or a cohort (a silo's users, or ``simulation.clients_per_node`` clients):
+sampling is over clients either way, so q and the sensitivity C are the same. Subclasses
 say what to send (:meth:`train_payload`), how long the vector is (:meth:`vector_length`) and
 what the server does with the release (:meth:`server_update`). This base owns sampling,
 validation, noise, accounting, the run directory, the round log, diagnostics and resume.
@@ -41,15 +43,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from popri_flwr.privacy.accounting import PrivacyAccountant
-from popri_flwr.privacy.aggregation import check_vector, noisy_sum
+from popri_flwr.privacy.aggregation import add_noise, check_rows
 from popri_flwr.privacy.client_sampling import poisson_sample
 from popri_flwr.privacy.diagnostics import Diagnostics
 from popri_flwr.privacy.randomness import secret_rng, seeded_rng
 from popri_flwr.protocol import (
     IDENTITY_CONFIG,
-    IDENTITY_KEY,
+    MEMBERS_KEY,
     PAYLOAD_CONFIG,
     REPLY_METRICS,
+    reply_identities,
     reply_vector,
 )
 from popri_flwr.run_dir import RunDirectory
@@ -157,7 +160,9 @@ class PrivateStrategy(Strategy):
         self.diagnostics = Diagnostics(run_dir.path, diagnostics)
         self.debug_noise_seed = None if debug_noise_seed is None else int(debug_noise_seed)
         self._stats: dict[str, Any] = {}
-        self._identities: dict[int, str] = {}
+        self._identities: dict[int, list[str]] = {}
+        self._members_sent: dict[int, int] = {}
+        self._clean_sum: np.ndarray | None = None
 
     @property
     def differentially_private(self) -> bool:
@@ -222,33 +227,46 @@ class PrivateStrategy(Strategy):
         return secret_rng()
 
     # ---------------------------------------------------------------- the population
-    def wait_for_nodes(self, grid: Grid) -> list[int]:
-        """Block until ``num_clients`` nodes are connected; return their sorted ids.
+    def wait_for_population(self, grid: Grid) -> dict[int, list[str]]:
+        """Block until the connected nodes serve ``num_clients`` distinct clients.
+
+        Each node says which clients it serves (one, or a cohort); new nodes are asked once.
+
+        Returns
+        -------
+        dict
+            Node id -> the client ids it serves, nodes in sorted order.
 
         Raises
         ------
         PopulationError
-            If more than ``num_clients`` nodes are connected, or they never all connect.
+            If the nodes serve more than ``num_clients`` clients, a client is claimed twice, a
+            node does not say, or the population is not complete before the timeout.
         """
         deadline = time.monotonic() + self.node_wait_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.num_clients:
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            self.verify_identities(grid, nodes, self.round_timeout)
+            served = sum(len(self._identities[n]) for n in nodes)
+            if served > self.num_clients:
+                raise PopulationError(
+                    f"{len(nodes)} nodes are connected and serve {served} clients but the "
+                    f"population is {self.num_clients} clients; refusing to sample (the sampling "
+                    "rate and the accountant assume exactly the population)"
+                )
+            if served == self.num_clients:
+                return {n: self._identities[n] for n in nodes}
             if time.monotonic() > deadline:
                 raise PopulationError(
-                    f"only {len(nodes)} of {self.num_clients} nodes connected after "
-                    f"{self.node_wait_timeout:.0f}s; the sampling rate assumes all of them"
+                    f"only {served} of {self.num_clients} clients connected (on {len(nodes)} "
+                    f"nodes) after {self.node_wait_timeout:.0f}s; the sampling rate assumes all "
+                    "of them"
                 )
-            logger.info("Waiting for nodes: %d of %d connected", len(nodes), self.num_clients)
+            logger.info("Waiting for clients: %d of %d connected", served, self.num_clients)
             time.sleep(1.0)
-        if len(nodes) > self.num_clients:
-            raise PopulationError(
-                f"{len(nodes)} nodes are connected but the population is {self.num_clients} "
-                "clients; refusing to sample (the sampling rate and the accountant assume "
-                "exactly one node per client)"
-            )
-        return nodes
 
     def verify_identities(self, grid: Grid, nodes: list[int], timeout: float) -> None:
-        """Ask nodes not seen before which client they serve; refuse duplicates.
+        """Ask nodes not seen before which clients they serve; refuse a client on two nodes.
 
         A client served by two nodes would answer twice: its sensitivity would be 2C while
         the noise is calibrated for C.
@@ -265,12 +283,11 @@ class PrivateStrategy(Strategy):
                 Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in new
             ]
             for reply in grid.send_and_receive(messages, timeout=timeout):
-                node = reply.metadata.src_node_id
                 if reply.has_error():
                     continue
-                record = reply.content.get(PAYLOAD_CONFIG)
-                if isinstance(record, ConfigRecord) and IDENTITY_KEY in record:
-                    self._identities[node] = str(record[IDENTITY_KEY])
+                ids = reply_identities(reply)
+                if ids is not None:
+                    self._identities[reply.metadata.src_node_id] = ids
         missing = [n for n in nodes if n not in self._identities]
         if missing:
             raise PopulationError(
@@ -280,27 +297,41 @@ class PrivateStrategy(Strategy):
             )
         owner: dict[str, int] = {}
         for n in nodes:
-            client = self._identities[n]
-            if client in owner:
-                raise PopulationError(
-                    f"nodes {owner[client]} and {n} both serve client {client!r}; refusing to "
-                    "sample (one node per client: a client on two nodes would count twice)"
-                )
-            owner[client] = n
+            for client in self._identities[n]:
+                if client in owner:
+                    raise PopulationError(
+                        f"nodes {owner[client]} and {n} both serve client {client!r}; refusing "
+                        "to sample (one client, one vector: a client served twice would count "
+                        "twice)"
+                    )
+                owner[client] = n
+
+    def sample_clients(self, grid: Grid, server_round: int) -> dict[int, list[int]]:
+        """Poisson sampling of the population's *clients*, from secret randomness.
+
+        Returns
+        -------
+        dict
+            Node id -> indices of its sampled members (nodes without one are left out).
+        """
+        population = self.wait_for_population(grid)
+        clients = [(node, i) for node, ids in population.items() for i in range(len(ids))]
+        q = self.accountant.sample_rate
+        sampled: dict[int, list[int]] = {}
+        for node, i in poisson_sample(clients, q, self.private_rng(server_round, "sample")):
+            sampled.setdefault(node, []).append(i)
+        return sampled
 
     def sample_nodes(self, grid: Grid, server_round: int) -> list[int]:
-        """Poisson sampling of the verified population, from secret randomness."""
-        nodes = self.wait_for_nodes(grid)
-        self.verify_identities(grid, nodes, self.round_timeout)
-        q = self.accountant.sample_rate
-        return poisson_sample(nodes, q, self.private_rng(server_round, "sample"))
+        """The nodes with at least one sampled client (one client per node: the sample)."""
+        return list(self.sample_clients(grid, server_round))
 
     # ---------------------------------------------------------------- Flower Strategy API
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients (Poisson, rate q) and send each the round's payload."""
-        node_ids = self.sample_nodes(grid, server_round)
+        """Sample clients (Poisson, rate q); send each node the payload and its members."""
+        sampled = self.sample_clients(grid, server_round)
         record = self.train_payload(server_round)
         cfg = record.get(PAYLOAD_CONFIG, ConfigRecord())
         for key, value in (getattr(self, "_train_config", None) or {}).items():
@@ -310,113 +341,137 @@ class PrivateStrategy(Strategy):
         cfg["vector-length"] = self.vector_length(server_round)
         record[PAYLOAD_CONFIG] = cfg
         self._stats.update(bytes_down=record_nbytes(record))
-        self.diagnostics.add(clients_sampled=len(node_ids))
+        self._members_sent = {node: len(m) for node, m in sampled.items()}
+        n_sampled = sum(self._members_sent.values())
+        self.diagnostics.add(clients_sampled=n_sampled, nodes_contacted=len(sampled))
         self.diagnostics.log(
             logging.INFO,
-            "Round %d: sampled %d of %d clients",
+            "Round %d: sampled %d of %d clients (on %d nodes)",
             server_round,
-            len(node_ids),
+            n_sampled,
             self.num_clients,
+            len(sampled),
         )
-        return [
-            Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
-            for node in node_ids
-        ]
+        messages = []
+        for node, members in sampled.items():
+            content = RecordDict(dict(record.items()))  # payload arrays shared, not copied
+            content[PAYLOAD_CONFIG] = ConfigRecord({**cfg, MEMBERS_KEY: members})
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            )
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Re-check every reply, sum the accepted ones and add N(0, (sigma C)^2 I)."""
+        """Re-check every row of every reply, sum the accepted ones, add N(0, (sigma C)^2 I).
+
+        Replies are consumed one at a time (an iterator is fine), so memory stays bounded by
+        one node's reply however many clients answer.
+        """
         dim = self.vector_length(server_round)
-        accepted: list[np.ndarray] = []
-        failed = rejected = 0
+        total = np.zeros(dim, dtype=np.float64)
+        sent = getattr(self, "_members_sent", {})
+        accepted = failed = rejected = 0
         client_seconds: list[float] = []
         bytes_up: list[int] = []
         rejections: list[dict[str, Any]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
+            rows = sent.get(node, 1)
             if msg.has_error():
-                failed += 1
+                failed += rows
                 self.diagnostics.log(
                     logging.WARNING,
-                    "Round %d: client %s failed: %s",
+                    "Round %d: node %s failed (%d clients): %s",
                     server_round,
                     node,
+                    rows,
                     msg.error.reason,
                 )
                 continue
-            vector, reason = self._extract_vector(msg, dim)
-            if reason is not None:
-                rejected += 1
-                rejections.append({"node": int(node), "reason": reason})
+            try:
+                matrix, reasons = check_rows(reply_vector(msg), rows, dim, self.clip_norm)
+            except Exception as err:  # noqa: BLE001 - any malformed reply is just rejected
+                matrix, reasons = None, [f"malformed reply ({type(err).__name__}: {err})"] * rows
+            bad = [i for i, r in enumerate(reasons) if r is not None]
+            if bad:
+                rejected += len(bad)
+                rejections += [{"node": int(node), "row": i, "reason": reasons[i]} for i in bad]
                 # The operator always learns that bad replies arrive; which node and the
                 # values seen are diagnostics.
-                logger.warning("Round %d: rejected a client reply: %s", server_round, _kind(reason))
+                logger.warning(
+                    "Round %d: rejected %s: %s",
+                    server_round,
+                    "a client reply" if len(bad) == 1 else f"{len(bad)} client rows of a reply",
+                    _kind(reasons[bad[0]] or ""),
+                )
                 self.diagnostics.log(
                     logging.WARNING,
-                    "Round %d: rejected reply from client %s: %s",
+                    "Round %d: rejected %d row(s) from node %s: %s",
                     server_round,
+                    len(bad),
                     node,
-                    reason,
+                    reasons[bad[0]],
                 )
-                continue
-            accepted.append(vector)
-            bytes_up.append(record_nbytes(msg.content))
+            if matrix is not None and len(bad) < rows:
+                good = np.delete(matrix, bad, axis=0) if bad else matrix
+                total += good.sum(axis=0, dtype=np.float64)  # no float64 copy of the reply
+                accepted += len(good)
+                bytes_up.append(record_nbytes(msg.content) // rows)
             metrics = msg.content.get(REPLY_METRICS)
             if isinstance(metrics, MetricRecord) and "client-seconds" in metrics:
                 client_seconds.append(float(metrics["client-seconds"]))
+        if self.diagnostics.enabled:  # simulation only: the noise-free sum, never released
+            self._clean_sum = total.copy()
         sigma = self.accountant.noise_multiplier
-        release = noisy_sum(
-            accepted, dim, sigma * self.clip_norm, self.private_rng(server_round, "noise")
-        )
-        sampled = self.diagnostics.get("clients_sampled", len(accepted) + rejected + failed)
+        release = add_noise(total, sigma * self.clip_norm, self.private_rng(server_round, "noise"))
+        sampled = self.diagnostics.get("clients_sampled", accepted + rejected + failed)
         self.diagnostics.add(
-            clients_replied=len(accepted) + rejected,
-            clients_accepted=len(accepted),
+            clients_replied=accepted + rejected,
+            clients_accepted=accepted,
             clients_rejected=rejected,
-            clients_failed=failed + max(0, sampled - len(accepted) - rejected - failed),
-            rejections=rejections,
+            clients_failed=failed + max(0, sampled - accepted - rejected - failed),
+            rejections=rejections[:100],
             bytes_up=int(np.mean(bytes_up)) if bytes_up else 0,
             client_seconds=float(np.mean(client_seconds)) if client_seconds else None,
         )
         return ArrayRecord({"release": Array(release)}), None
 
-    def _extract_vector(self, msg: Message, dim: int) -> tuple[np.ndarray | None, str | None]:
-        try:
-            vector = reply_vector(msg)
-        except Exception as err:  # noqa: BLE001 - any malformed reply is just rejected
-            return None, f"malformed reply ({type(err).__name__}: {err})"
-        reason = check_vector(vector, dim, self.clip_norm)
-        return (vector if reason is None else None), reason
+    def iter_replies(
+        self, grid: Grid, messages: list[Message], timeout: float
+    ) -> Iterable[Message]:
+        """Send the round's messages and yield replies as they arrive, until all or ``timeout``.
 
-    def collect_replies(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-        """Send the round's messages and pull the replies until all are in or ``timeout``.
-
-        Flower's ``send_and_receive``, with a progress bar (shown only with diagnostics on:
-        how many clients answered is an un-noised statistic) and a short poll interval.
+        Flower's ``send_and_receive``, streamed (each reply can be summed and dropped before
+        the next arrives), with a progress bar (shown only with diagnostics on: how many
+        clients answered is an un-noised statistic) and a short poll interval.
         """
         if not messages:
-            return []
+            return
         try:
             pending = set(grid.push_messages(messages))
         except NotImplementedError:  # a Grid without push/pull (e.g. a test double)
-            return list(grid.send_and_receive(messages, timeout=timeout))
+            yield from grid.send_and_receive(messages, timeout=timeout)
+            return
         from tqdm.auto import tqdm
 
-        replies: list[Message] = []
         deadline = time.monotonic() + timeout
         with tqdm(
-            total=len(pending), desc="client replies", leave=False,
+            total=len(pending), desc="node replies", leave=False,
             disable=not self.diagnostics.enabled,
         ) as bar:  # fmt: skip
             while pending and time.monotonic() < deadline:
                 got = list(grid.pull_messages(pending))
-                replies += got
                 pending -= {m.metadata.reply_to_message_id for m in got}
                 bar.update(len(got))
+                yield from got
                 if pending:
                     time.sleep(_POLL_SECONDS)
-        return replies
+
+    def collect_replies(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+        """All replies of :meth:`iter_replies` as a list."""
+        return list(self.iter_replies(grid, messages, timeout))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -526,12 +581,12 @@ class PrivateStrategy(Strategy):
                         self.accountant.target_epsilon,
                     )
                     break
-                with self.timer("clients"):
-                    messages = self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid)
-                    replies = self.collect_replies(grid, messages, timeout)
-                with self.timer("aggregate"):
+                with self.timer("clients"):  # sampling, replies, checks and the noisy sum
+                    messages = list(self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+                    replies = self.iter_replies(grid, messages, timeout)
                     arrays, _ = self.aggregate_train(rnd, replies)
                     release = arrays["release"].numpy()
+                with self.timer("aggregate"):
                     # Persist the release, then count it: a crash after this point resumes
                     # from the file instead of asking clients (and spending) again.
                     self.run_dir.save_array(f"release_round_{rnd:03d}", release)

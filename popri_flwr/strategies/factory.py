@@ -88,15 +88,16 @@ def build_strategy(
     simulation
         Picks the default of ``diagnostics`` (on in simulation, off in a deployment).
     num_clients
-        The population N. Default: in a deployment ``simulation.num_supernodes`` (the server
-        then never loads client data), else the federation's size.
+        The population N. Default: in a deployment ``simulation.num_supernodes`` (one client
+        per node; the server then never loads client data), else the federation's size
+        (``simulation.population``).
     """
     run_dir = RunDirectory(cfg.run_dir or "outputs/run")
     config = to_dict(cfg)
     run_dir.check_resume(config, cfg.resume)
     diagnostics = simulation if cfg.diagnostics is None else cfg.diagnostics
-    if num_clients is None and not simulation:  # a deployment: N from the config, no data
-        num_clients = cfg.simulation.num_supernodes
+    if num_clients is None and not simulation and cfg.simulation.clients_per_node == 1:
+        num_clients = cfg.simulation.num_supernodes  # a deployment: N from the config, no data
     if federation is None and (num_clients is None or diagnostics):
         federation = load_federation(cfg.data)
     accountant = make_accountant(cfg)
@@ -116,14 +117,8 @@ def build_strategy(
 
 
 def population(cfg: RunConfig, federation: Federation) -> int:
-    """N, the number of clients (= simulated nodes) the sampling rate refers to."""
-    n = cfg.simulation.num_supernodes or federation.num_clients
-    if n > federation.num_clients:
-        raise ConfigError(
-            f"simulation.num_supernodes: {n} > the {federation.num_clients} clients of the "
-            "federation"
-        )
-    return n
+    """N, the number of clients the sampling rate refers to (see ``simulation.*``)."""
+    return cfg.simulation.population(federation.num_clients)
 
 
 def create_strategy(
