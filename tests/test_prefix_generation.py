@@ -281,16 +281,9 @@ def test_prefix_sharing_false_keeps_the_flattened_path(lm):
         TransformersGenerator(model, tok, batch_size=0)
 
 
-def test_speed_comparison_is_importable_and_returns_rows(lm, monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
+def test_speed_comparison_is_importable_and_returns_rows(lm):
+    from popri_flwr.speed import generation as bench
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_generation.py"
-    spec = importlib.util.spec_from_file_location("bench_generation", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_generation", bench)  # dataclasses look it up
-    spec.loader.exec_module(bench)
     tiny = bench.SpeedCase("tiny", num_prompts=2, shots=1, num_samples=2, max_new_tokens=2)
     rows = bench.compare_generation([tiny], *lm, breakdown=True)
     assert [r["measure"] for r in rows] == ["tiny", "tiny:prefix_fp32"]

@@ -6,10 +6,12 @@ Examples
     popri-benchmark --preset tiny                     # minutes: check the pipeline
     popri-benchmark --preset small methods=[eps0,epsinf,popri] epsilons=[1]
     popri-benchmark out_dir=benchmarks/mine "run_overrides=[experiment=demo,rounds=5]"
+    popri-benchmark --preset speed                    # old vs new paths (about 15 minutes)
+    popri-benchmark --preset speed "rows=[client_phase_72k]"
 
-Presets live in ``configs/benchmark/`` (tiny, small, paper); ``key=value`` arguments override
-their keys (OmegaConf dotlist syntax). Started again with the same ``out_dir``, finished rows are
-reused and unfinished runs resume.
+Presets live in ``configs/benchmark/`` (tiny, small, paper, speed); ``key=value`` arguments
+override their keys (OmegaConf dotlist syntax). Started again with the same ``out_dir``,
+finished rows are reused and unfinished runs resume (``speed`` measures every row again).
 """
 
 from __future__ import annotations
@@ -22,13 +24,18 @@ from popri_flwr.config import ConfigError
 
 
 def load_benchmark_config(preset: str, overrides: list[str]):
-    """The preset ``configs/benchmark/PRESET.yaml`` with ``key=value`` overrides applied."""
+    """The preset ``configs/benchmark/PRESET.yaml`` with ``key=value`` overrides applied.
+
+    ``speed`` gives a :class:`~popri_flwr.speed.report.SpeedConfig`, every other preset a
+    :class:`~popri_flwr.evaluation.benchmark.BenchmarkConfig`.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from popri_flwr.config import from_mapping
     from popri_flwr.evaluation.benchmark import BenchmarkConfig
     from popri_flwr.hydra_config import config_dir
+    from popri_flwr.speed.report import SpeedConfig
 
     folder = config_dir() / "benchmark"
     path = folder / f"{preset}.yaml"
@@ -40,7 +47,13 @@ def load_benchmark_config(preset: str, overrides: list[str]):
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"overrides: {err}".splitlines()[0]) from None
-    return from_mapping(BenchmarkConfig, data)
+    schema = SpeedConfig if data.get("name") == "speed" else BenchmarkConfig
+    try:
+        return from_mapping(schema, data)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="popri-benchmark",
         description=__doc__.split("\n\n")[0],
         epilog="Writes OUT/results.csv, OUT/results.md, OUT/accuracy.png, "
-        "OUT/epsilon_spent_by_round.png, OUT/fid_next_by_round.png, OUT/runs/, OUT/logs/.",
+        "OUT/epsilon_spent_by_round.png, OUT/fid_next_by_round.png, OUT/runs/, OUT/logs/ "
+        "(--preset speed: OUT/results.csv and OUT/results.md only).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", default="small", help="configs/benchmark/PRESET.yaml")
@@ -57,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         metavar="key=value",
         help="override preset keys: methods, epsilons, run_overrides, method_overrides, "
-        "synthetic_size, max_eval_texts, out_dir, resume",
+        "synthetic_size, max_eval_texts, out_dir, resume (speed: rows, repeats, "
+        "demo_clients_per_node, large_clients, large_samples, large_clients_per_node, "
+        "large_baseline_clients, out_dir)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -65,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         bc = load_benchmark_config(args.preset, args.overrides)
+        from popri_flwr.speed.report import SpeedConfig, run_speed_benchmark
+
+        if isinstance(bc, SpeedConfig):
+            run_speed_benchmark(bc)
+            print((bc.out / "results.md").read_text())
+            return 0
         from popri_flwr.evaluation.benchmark import run_benchmark
 
         rows = run_benchmark(bc)

@@ -89,7 +89,7 @@ class DPOStepConfig:
         bf16 mixed precision (autocast; weights and optimizer stay float32). ``None`` = on CUDA,
         and on a CPU with native bf16 (``avx512_bf16``/``amx_bf16``, see
         :func:`popri_flwr.models.generation.cpu_supports_bf16`): there a demo round runs ~2-2.4x
-        faster than float32 and its loss moves by < 0.001 (``scripts/bench_dpo.py``,
+        faster than float32 and its loss moves by < 0.001 (``popri_flwr.speed.dpo``,
         ``tests/test_dpo_reference.py``). ``false`` for float32-exact runs.
     gradient_checkpointing
         Trade compute for memory (off: the default model is small).
@@ -271,7 +271,7 @@ class DPOStep:
         projections, 4 pairs per step of ~64 tokens each): ~5.6 s per optimizer step with two
         torch threads on an idle machine (~10 s with one), plus ~2 s per round to build the
         trainer and tokenize. The defaults (precomputed reference, bf16 on a CPU with native
-        bf16) cut a 4-step demo round from ~58 s to ~22 s (``scripts/bench_dpo.py``).
+        bf16) cut a 4-step demo round from ~58 s to ~22 s (``popri_flwr.speed.dpo``).
         Cost grows about linearly with pairs x tokens, so the reference
         scale (24 pairs of ~500 tokens per step, ~75 steps per round) is a GPU job.
 

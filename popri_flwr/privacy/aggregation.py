@@ -69,9 +69,9 @@ def check_rows(
     reasons: list[str | None] = [None] * rows
     for i in np.flatnonzero(~finite):
         reasons[i] = "non-finite values (NaN or inf)"
-    safe = np.where(finite[:, None], array, 0).astype(np.float64, copy=False)
-    norms = np.sqrt(np.einsum("ij,ij->i", safe, safe))
-    for i in np.flatnonzero(norms > clip_norm):
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows: rejected above
+        norms = np.sqrt(np.einsum("ij,ij->i", array, array, dtype=np.float64))
+    for i in np.flatnonzero(finite & (norms > clip_norm)):
         # Re-measured exactly as for a single vector (no slack), so both paths agree.
         norm = l2_norm(array[i])
         if norm > clip_norm:

@@ -1,9 +1,7 @@
 """Generation speed: the flattened float32 ``model.generate`` path vs prefix-shared sampling.
 
-Usage (from the repository root)::
-
-    .venv/bin/python scripts/bench_generation.py            # both cases, CSV on stdout
-    .venv/bin/python scripts/bench_generation.py --case demo --breakdown
+Run by ``popri-benchmark --preset speed`` (rows ``generation_demo``, ``generation_3shot``), or
+alone: ``python -m popri_flwr.speed.generation --case demo --breakdown``.
 
 Cases (issue 10): ``demo``, the demo round's batch (16 one-shot prompts x 6 samples, 40 new
 tokens), and ``3shot``: 8 three-shot prompts x 10 samples, 40 new tokens. Prompts are built
@@ -12,8 +10,6 @@ like :func:`popri_flwr.algorithms.prompts.build_prompts` from State of the Union
 package) standing in for the public set. Prints and returns rows
 ``measure,baseline_s,new_s,ratio``; ``--breakdown`` adds a row per case whose new path is
 prefix-shared sampling in float32, separating the two levers.
-
-Importable: ``compare_generation(...)`` returns the same rows (for ``popri-benchmark``).
 
 Measured 2026-11 on the 2-core AMD EPYC (avx512_bf16, so the new path ran in bf16), torch 2.13,
 ``--breakdown --repeats 2`` (fastest of 2; other jobs shared the cores at times)::
@@ -52,8 +48,8 @@ class SpeedCase:
 
 
 CASES = {
-    "demo": SpeedCase("demo_k16_j6_1shot", num_prompts=16, shots=1, num_samples=6),
-    "3shot": SpeedCase("k8_j10_3shot", num_prompts=8, shots=3, num_samples=10),
+    "demo": SpeedCase("generation_demo", num_prompts=16, shots=1, num_samples=6),
+    "3shot": SpeedCase("generation_3shot", num_prompts=8, shots=3, num_samples=10),
 }
 
 

@@ -1,9 +1,7 @@
 """DPO round speed: TRL's per-step reference forward vs reference log-probs precomputed per round.
 
-Usage (from the repository root)::
-
-    .venv/bin/python scripts/bench_dpo.py                 # CSV on stdout
-    .venv/bin/python scripts/bench_dpo.py --breakdown --repeats 2 --check
+Run by ``popri-benchmark --preset speed`` (row ``dpo_round``), or alone:
+``python -m popri_flwr.speed.dpo --breakdown --repeats 2 --check``.
 
 One demo DPO round: 16 pairs, each a one-shot POPri prompt (a State of the Union paragraph of
 60-110 words, built like :func:`popri_flwr.algorithms.prompts.build_prompts`) with chosen and
@@ -36,11 +34,14 @@ per-step reference forward ran in the training context); most of the >= 2x is bf
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def demo_pairs(
@@ -95,6 +96,56 @@ def time_round(pairs: list[dict[str, str]], precompute: bool, bf16: bool | None)
     return metrics
 
 
+VARIANTS: dict[str, tuple[bool, bool | None]] = {
+    "baseline": (False, False),  # TRL's per-step reference forward, float32
+    "new": (True, None),  # reference log-probs once per round, bf16 where the CPU has it
+    "precompute_fp32": (True, False),
+}
+
+
+def compare_dpo(
+    repeats: int = 1, breakdown: bool = False, check: bool = False
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """Time the demo's DPO round on the old and the new path (fastest of ``repeats``).
+
+    Returns the ``dpo_round`` row, or with ``breakdown`` a list that adds the
+    ``dpo_round:precompute_fp32`` row.
+    """
+    pairs = demo_pairs()
+    names = ["baseline", "new", *(["precompute_fp32"] if breakdown else [])]
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for name in names:
+            m = time_round(pairs, *VARIANTS[name])
+            best[name] = min(best.get(name, float("inf")), m["wall_s"])
+            logger.info(
+                "dpo %s: %.2f s, loss %.5f, margin %.5f, steps %s, bf16 %s",
+                name, m["wall_s"], m["loss"], m["reward_margin"], m["steps"], m["bf16"],
+            )  # fmt: skip
+            if check:
+                print(f"{name}: {m['wall_s']:.2f} s, loss {m['loss']:.5f}", file=sys.stderr)
+    note = (
+        "16 pairs, 4 optimizer steps, SmolLM2-135M + LoRA r16; baseline: TRL's per-step "
+        "reference forward in float32; new: reference log-probs once per round + bf16 autocast"
+    )
+    rows = [_row("dpo_round", best["baseline"], best["new"], note)]
+    if breakdown:
+        rows.append(
+            _row("dpo_round:precompute_fp32", best["baseline"], best["precompute_fp32"], "")
+        )
+    return rows if breakdown else rows[0]
+
+
+def _row(measure: str, base: float, new: float, note: str) -> dict[str, Any]:
+    return {
+        "measure": measure,
+        "baseline_s": round(base, 2),
+        "new_s": round(new, 2),
+        "ratio": round(base / new, 2),
+        "note": note,
+    }
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs; fastest counts")
@@ -103,40 +154,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--check", action="store_true", help="print loss/margin per run")
     args = parser.parse_args(argv)
 
-    import logging
-
     import torch
 
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pairs = demo_pairs()
-    variants: dict[str, tuple[bool, bool | None]] = {
-        "baseline": (False, False),
-        "new": (True, None),
-    }
-    if args.breakdown:
-        variants["precompute_fp32"] = (True, False)
-    best: dict[str, float] = {}
-    for _ in range(args.repeats):
-        for name, (precompute, bf16) in variants.items():
-            m = time_round(pairs, precompute, bf16)
-            best[name] = min(best.get(name, float("inf")), m["wall_s"])
-            if args.check:
-                print(
-                    f"{name}: {m['wall_s']:.2f} s, loss {m['loss']:.5f}, "
-                    f"margin {m['reward_margin']:.5f}, steps {m['steps']}, bf16 {m['bf16']}",
-                    file=sys.stderr,
-                )
-    rows = [("dpo_round", best["baseline"], best["new"])]
-    if args.breakdown:
-        rows.append(("dpo_round:precompute_fp32", best["baseline"], best["precompute_fp32"]))
+    result = compare_dpo(args.repeats, breakdown=args.breakdown, check=args.check)
+    rows = result if isinstance(result, list) else [result]
     print("measure,baseline_s,new_s,ratio")
-    out = []
-    for measure, base, new in rows:
-        print(f"{measure},{base:.2f},{new:.2f},{base / new:.2f}")
-        out.append({"measure": measure, "baseline_s": base, "new_s": new, "ratio": base / new})
-    return out
+    for r in rows:
+        print(f"{r['measure']},{r['baseline_s']:.2f},{r['new_s']:.2f},{r['ratio']:.2f}")
+    return rows
 
 
 if __name__ == "__main__":
