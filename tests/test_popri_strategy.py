@@ -25,6 +25,7 @@ from popri_flwr.models.generation import SamplingParams, TransformersGenerator
 from popri_flwr.models.loading import load_causal_lm
 from popri_flwr.privacy.accounting import PrivacyAccountant
 from popri_flwr.privacy.clipping import l2_norm
+from popri_flwr.privacy.diagnostics import read_diagnostics
 from popri_flwr.protocol import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.strategies import popri as popri_module
@@ -167,6 +168,17 @@ def test_pairs_follow_the_noisy_sum(cfg, tmp_path, monkeypatch, sigma):
             reply = grid.behaviours[m.metadata.dst_node_id](m)
             clean += reply.content[REPLY_ARRAYS][REPLY_VECTOR].numpy().sum(0, dtype=np.float64)
         np.testing.assert_allclose(release, clean, atol=1e-6)
+        # Without noise every pair keeps its order under the clean sum (diagnostic).
+        (diag,) = read_diagnostics(tmp_path / "run")
+        assert diag["recovery"] == 1.0
     else:
         assert strategy.differentially_private
         assert np.abs(release).max() > 1.5  # N(0, 9) noise on 6 entries, far beyond |sum| <= 4
+
+
+def test_pair_recovery_counts_pairs_the_clean_sum_agrees_with():
+    from popri_flwr.strategies.popri import pair_recovery
+
+    clean = np.array([3.0, 1.0, 2.0, 2.0])
+    assert pair_recovery(clean, [0, 2, 1], [1, 1, 0]) == pytest.approx(2 / 3)
+    assert pair_recovery(clean, [2], [3]) == 0.0  # a tie is not a recovered order

@@ -287,6 +287,7 @@ class PopriStrategy(PrivateStrategy):
         """Pairs from the noisy scores, one DPO round, regenerate for the next round."""
         self._write_samples(server_round, release)
         pairs = build_pairs(self.prompts, self.samples, release, self.j, self.r)
+        self._pairs = pairs
         scored_emb = self.sample_emb
         metrics: dict[str, Any] = {
             "pairs": len(pairs),
@@ -310,10 +311,22 @@ class PopriStrategy(PrivateStrategy):
         return metrics
 
     def evaluate_round(self, server_round: int) -> dict[str, Any]:
-        """Evaluation only: FID of this round's scored samples and of the regenerated ones."""
+        """Diagnostics only: FID of the scored and regenerated samples, pair recovery.
+
+        ``recovery`` is the share of the round's pairs (built from the noisy release) whose
+        order the noise-free sum agrees with: ``clean[chosen] > clean[rejected]``. It needs
+        the un-noised sum, which only a simulation with diagnostics keeps.
+        """
+        out: dict[str, Any] = {}
+        pairs = getattr(self, "_pairs", None)
+        if self._clean_sum is not None and pairs is not None and len(pairs):
+            out["recovery"] = pair_recovery(
+                self._clean_sum, pairs.chosen_index, pairs.rejected_index
+            )
         if self.eval_embeddings is None or len(self.eval_embeddings) < 2:
-            return {}
+            return out
         return {
+            **out,
             "fid_scored": fid(self._scored_emb, self.eval_embeddings),
             "fid_next": fid(self.sample_emb, self.eval_embeddings),
         }
@@ -353,6 +366,14 @@ class PopriStrategy(PrivateStrategy):
             f"run_dir: no adapter of round {finished_round} in {self.run_dir.path}; "
             "cannot resume this run"
         )
+
+
+def pair_recovery(clean: np.ndarray, chosen: Any, rejected: Any) -> float:
+    """Share of pairs whose order the noise-free scores ``clean`` agree with (ties count 0)."""
+    chosen, rejected = np.asarray(chosen, dtype=int), np.asarray(rejected, dtype=int)
+    if chosen.size == 0:
+        return float("nan")
+    return float(np.mean(clean[chosen] > clean[rejected]))
 
 
 def merged_copy(peft_model: Any) -> Any:
