@@ -12,9 +12,22 @@ logger = logging.getLogger(__name__)
 
 
 def backend_config(cfg: RunConfig) -> dict:
-    """Ray backend settings: per-client CPUs/GPUs and ``ray.init`` arguments."""
-    init_args = {"include_dashboard": False, "num_cpus": os.cpu_count() or 1, "log_to_driver": True}
-    init_args.update(cfg.simulation.init_args)
+    """Ray backend settings: per-client CPUs/GPUs and ``ray.init`` arguments.
+
+    Without an ``address`` in ``simulation.init_args`` (and no ``$RAY_ADDRESS``) the run starts
+    its own local Ray instance (``address="local"``: never one left running by ``ray start``)
+    with all of this machine's CPUs. With one (``HOST:PORT``, ``auto``, ``ray://...``) the run
+    joins that cluster, whose nodes declared their own resources: Ray refuses ``num_cpus`` there,
+    so none is added (one written in ``init_args`` is still passed on). Ray's rules: address
+    ``None`` or ``auto`` defers to ``$RAY_ADDRESS`` when set, ``local`` always starts anew.
+    """
+    init_args = {"include_dashboard": False, "log_to_driver": True, **cfg.simulation.init_args}
+    address = init_args.get("address")
+    if address in (None, "", "auto") and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if not address or address == "local":
+        init_args["address"] = "local"
+        init_args.setdefault("num_cpus", os.cpu_count() or 1)
     return {
         "client_resources": {
             "num_cpus": cfg.simulation.client_num_cpus,
