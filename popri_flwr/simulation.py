@@ -52,11 +52,12 @@ def run_simulation(cfg: RunConfig) -> str:
 
     try:  # everything that can fail on bad input fails here, before Ray starts
         federation = load_federation(cfg.data)
-        num_nodes = population(cfg, federation)
+        num_clients = population(cfg, federation)
+        num_nodes = cfg.simulation.num_nodes(num_clients)
         strategy = build_strategy(cfg, federation)
     except ValueError as err:  # data/model/config errors name their key or file
         raise ConfigError(str(err)) from err
-    logger.info("Simulating %d clients (%s)", num_nodes, federation.name)
+    logger.info("Simulating %d clients (%s) on %d nodes", num_clients, federation.name, num_nodes)
     # Flower 1.41's supported path (`flwr run`) loads apps by module name into a SuperLink's
     # processes; this in-process call with our ServerApp object has no replacement yet, so its
     # deprecation banner ("use flwr run") is not advice our users can act on.

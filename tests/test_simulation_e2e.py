@@ -1,8 +1,9 @@
 """POPri end to end on Flower's simulation engine (Ray), real models at tiny size.
 
 SmolLM2-135M generates, MiniLM embeds, TRL runs DPO, 12 SOTU clients are Poisson-sampled.
-The second run extends the first on the same directory: it must resume after round 1 with the
-privacy already spent, not start over.
+The first run serves them from cohort nodes (5 clients per node: nodes of 5, 5 and 2); the
+second extends it on the same directory with one node per client: it must resume after round 1
+with the privacy already spent, not start over.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("sim") / "run"
-    cfg = load_config([*TINY, "rounds=1", f"run_dir={path}"])
+    cfg = load_config([*TINY, "rounds=1", "simulation.clients_per_node=5", f"run_dir={path}"])
     run_simulation(cfg)
     return path
 
@@ -59,6 +60,8 @@ def test_first_run_writes_the_run_directory(run_dir):
     (diag,) = read_diagnostics(run_dir)
     assert diag["clients_sampled"] == diag["clients_accepted"] >= 1
     assert diag["clients_rejected"] == 0 and diag["clients_failed"] == 0
+    assert diag["nodes_contacted"] <= 3  # cohorts: 12 clients on 3 nodes
+    assert 0.0 <= diag["recovery"] <= 1.0
     assert diag["bytes_up"] >= 9 * 4 and diag["fid_scored"] > 0 and diag["fid_next"] > 0
     assert {"clients", "total"} <= set(diag["seconds"])
     lines = (run_dir / "samples/round_001.jsonl").read_text().splitlines()
