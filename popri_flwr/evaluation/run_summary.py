@@ -28,7 +28,9 @@ COLUMNS = (
     ("score_gap_mean", "score gap"),
     ("clients_sampled", "sampled"),
     ("clients_accepted", "accepted"),
+    ("recovery", "recovery"),
     ("fid_next", "FID next"),
+    ("similarity_next", "sim next"),
     ("accuracy", "top-1"),
     ("seconds.clients", "clients s"),
     ("seconds.generate", "gen s"),
@@ -39,6 +41,8 @@ COLUMNS = (
 PANELS = (
     ("epsilon_spent", "epsilon spent"),
     ("fid_next", "FID of fresh samples (lower is closer)"),
+    ("similarity_next", "similarity of fresh samples to held-out text"),
+    ("recovery", "pairs whose order survives the noise"),
     ("dpo_reward_margin", "DPO reward margin"),
 )
 NOTE = "* diagnostics: un-noised statistics of private data, NOT released"

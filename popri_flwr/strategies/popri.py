@@ -311,7 +311,11 @@ class PopriStrategy(PrivateStrategy):
         return metrics
 
     def evaluate_round(self, server_round: int) -> dict[str, Any]:
-        """Diagnostics only: FID of the scored and regenerated samples, pair recovery.
+        """Diagnostics only: FID and similarity of the samples, pair recovery.
+
+        ``similarity_next`` is the fresh samples' mean similarity to held-out private text,
+        ``mean_k E_k . mean_j P_j`` (the quantity clients score, so it should rise as POPri
+        learns); FID also sees diversity.
 
         ``recovery`` is the share of the round's pairs (built from the noisy release) whose
         order the noise-free sum agrees with: ``clean[chosen] > clean[rejected]``. It needs
@@ -325,10 +329,13 @@ class PopriStrategy(PrivateStrategy):
             )
         if self.eval_embeddings is None or len(self.eval_embeddings) < 2:
             return out
+        centroid = self.eval_embeddings.astype(np.float64).mean(axis=0)
         return {
             **out,
             "fid_scored": fid(self._scored_emb, self.eval_embeddings),
             "fid_next": fid(self.sample_emb, self.eval_embeddings),
+            # What clients score, on held-out text: mean_k cos(E_k, mean eval embedding).
+            "similarity_next": float(np.mean(self.sample_emb.astype(np.float64) @ centroid)),
         }
 
     def final_arrays(self) -> ArrayRecord:
