@@ -88,15 +88,16 @@ def _dpo(sc: SpeedConfig) -> dict[str, Any]:
 
 
 def _client_phase_demo(sc: SpeedConfig) -> dict[str, Any]:
-    from popri_flwr.speed.client_phase import compare_client_phase_demo
+    from popri_flwr.speed.client_phase import in_fresh_process
 
-    return compare_client_phase_demo(clients_per_node=sc.demo_clients_per_node)
+    return in_fresh_process("demo", clients_per_node=sc.demo_clients_per_node)
 
 
 def _client_phase_large(sc: SpeedConfig) -> dict[str, Any]:
-    from popri_flwr.speed.client_phase import compare_client_phase_large
+    from popri_flwr.speed.client_phase import in_fresh_process
 
-    return compare_client_phase_large(
+    return in_fresh_process(
+        "large",
         num_clients=sc.large_clients,
         num_samples=sc.large_samples,
         clients_per_node=sc.large_clients_per_node,
