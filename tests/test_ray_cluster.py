@@ -27,29 +27,13 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_run import TINY
 
 from popri_flwr.hydra_config import load_config
 from popri_flwr.simulation import backend_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_CPUS = 2
-#: The tiny round of test_simulation_e2e.py.
-TINY = [
-    "experiment=demo",
-    "data.max_clients=12",
-    "privacy.sample_rate=0.5",
-    "privacy.noise_multiplier=2.0",
-    "privacy.epsilon=50",
-    "strategy.num_prompts=3",
-    "strategy.samples_per_prompt=3",
-    "strategy.reject_rank=1",
-    "public_set.size=4",
-    "public_set.max_new_tokens=32",
-    "generation.max_new_tokens=16",
-    "generation.truncate_tokens=12",
-    "dpo.per_device_batch_size=3",
-    "evaluation.max_eval_texts=50",
-]
 
 
 # --- ray.init arguments -------------------------------------------------------------------

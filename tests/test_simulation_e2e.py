@@ -11,28 +11,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_run import TINY
 
 from popri_flwr.hydra_config import load_config
 from popri_flwr.privacy.accounting import compute_epsilon
 from popri_flwr.privacy.diagnostics import read_diagnostics
 from popri_flwr.simulation import run_simulation
-
-TINY = [
-    "experiment=demo",
-    "data.max_clients=12",
-    "privacy.sample_rate=0.5",
-    "privacy.noise_multiplier=2.0",
-    "privacy.epsilon=50",
-    "strategy.num_prompts=3",
-    "strategy.samples_per_prompt=3",
-    "strategy.reject_rank=1",
-    "public_set.size=4",
-    "public_set.max_new_tokens=32",
-    "generation.max_new_tokens=16",
-    "generation.truncate_tokens=12",
-    "dpo.per_device_batch_size=3",
-    "evaluation.max_eval_texts=50",
-]
 
 
 @pytest.fixture(scope="module")
