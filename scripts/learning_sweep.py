@@ -53,6 +53,7 @@ SETTINGS: dict[str, list[str]] = {
 COLUMNS = (
     "setting", "round", "epsilon_spent", "noise_multiplier", "clients_accepted", "recovery",
     "score_gap_mean", "dpo_loss", "dpo_reward_margin", "fid_next", "similarity_next",
+    "diversity_next",
     "seconds_total", "overrides",
 )  # fmt: skip
 

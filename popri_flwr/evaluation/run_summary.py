@@ -31,6 +31,7 @@ COLUMNS = (
     ("recovery", "recovery"),
     ("fid_next", "FID next"),
     ("similarity_next", "sim next"),
+    ("diversity_next", "div next"),
     ("accuracy", "top-1"),
     ("seconds.clients", "clients s"),
     ("seconds.generate", "gen s"),

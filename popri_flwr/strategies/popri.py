@@ -315,7 +315,7 @@ class PopriStrategy(PrivateStrategy):
 
         ``similarity_next`` is the fresh samples' mean similarity to held-out private text,
         ``mean_k E_k . mean_j P_j`` (the quantity clients score, so it should rise as POPri
-        learns); FID also sees diversity.
+        learns); ``diversity_next`` is the trace of their covariance; FID sees both.
 
         ``recovery`` is the share of the round's pairs (built from the noisy release) whose
         order the noise-free sum agrees with: ``clean[chosen] > clean[rejected]``. It needs
@@ -336,6 +336,9 @@ class PopriStrategy(PrivateStrategy):
             "fid_next": fid(self.sample_emb, self.eval_embeddings),
             # What clients score, on held-out text: mean_k cos(E_k, mean eval embedding).
             "similarity_next": float(np.mean(self.sample_emb.astype(np.float64) @ centroid)),
+            # Spread of the fresh samples (trace of their covariance): falls if DPO collapses
+            # the generator onto a few typical texts.
+            "diversity_next": float(np.var(self.sample_emb.astype(np.float64), axis=0).sum()),
         }
 
     def final_arrays(self) -> ArrayRecord:
