@@ -6,11 +6,13 @@ Usage (from the repository root; each setting is a resumable ``popri-run`` in it
     .venv/bin/python scripts/learning_sweep.py --only demo q1 --rounds 5
 
 For each setting it reads the run's released round log and its diagnostics (simulation only:
-un-noised statistics of private data, which is why the outputs are marked as diagnostics) and
-writes ``docs/learning_sweep.csv`` (one line per setting and round) and
-``docs/learning_sweep.png``: FID and similarity of the fresh samples to held-out private text,
-the share of pairs whose order survives the noise (recovery), and the DPO reward margin.
-Runs go to ``outputs/sweep/NAME`` (not committed).
+un-noised statistics of private data, which is why the outputs are marked as diagnostics), and
+embeds the samples each generator wrote (``samples/round_G.jsonl``: generator G-1, the base
+model for G = 1) to compare them with the same 1,000 held-out private texts: FID split into its
+mean term ``|mu_s - mu_p|^2`` and covariance term, the samples' diversity (trace of their
+covariance) and their mean similarity to the held-out centroid (what clients score). It writes
+``docs/learning_sweep.csv`` (one line per setting and generator) and ``docs/learning_sweep.png``.
+Runs go to ``outputs/sweep/NAME`` (not committed); ``--report`` only re-reads finished runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 #: name -> Hydra overrides on top of ``experiment=demo``.
 SETTINGS: dict[str, list[str]] = {
@@ -51,10 +55,9 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 COLUMNS = (
-    "setting", "round", "epsilon_spent", "noise_multiplier", "clients_accepted", "recovery",
-    "score_gap_mean", "dpo_loss", "dpo_reward_margin", "fid_next", "similarity_next",
-    "diversity_next",
-    "seconds_total", "overrides",
+    "setting", "generator", "fid", "fid_mean_term", "fid_cov_term", "diversity", "similarity",
+    "epsilon_spent", "noise_multiplier", "clients_accepted", "recovery", "score_gap_mean",
+    "dpo_loss", "dpo_reward_margin", "seconds_total", "overrides",
 )  # fmt: skip
 
 
@@ -72,21 +75,58 @@ def run(name: str, overrides: list[str], rounds: int, out: Path, seed: int) -> P
     return run_dir
 
 
-def rows_of(name: str, overrides: list[str], run_dir: Path) -> list[dict]:
-    """The released round records joined with the diagnostics, one dict per round."""
-    released = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    diag_path = run_dir / "diagnostics.jsonl"
+def eval_embeddings(n: int = 1000) -> np.ndarray:
+    """Embeddings of a fixed sample of the demo federation's held-out private text."""
+    from popri_flwr.data import load_federation
+    from popri_flwr.hydra_config import load_config
+
+    fed = load_federation(load_config(["experiment=demo"]).data)
+    return embedder().embed(fed.eval_sample(n, 0)).astype(np.float64)
+
+
+def embedder():
+    from popri_flwr.models.embedding import DEFAULT_EMBEDDER, get_embedder
+
+    return get_embedder(DEFAULT_EMBEDDER, "cpu")
+
+
+def sample_stats(texts: list[str], ev: np.ndarray) -> dict:
+    """FID (mean and covariance terms), diversity and similarity of ``texts`` to ``ev``."""
+    from scipy import linalg
+
+    e = embedder().embed(texts).astype(np.float64)
+    mu_s, mu_p = e.mean(0), ev.mean(0)
+    cov_s, cov_p = np.cov(e, rowvar=False), np.cov(ev, rowvar=False)
+    mean_term = float(((mu_s - mu_p) ** 2).sum())
+    cov_term = float(np.trace(cov_s + cov_p - 2 * linalg.sqrtm(cov_s @ cov_p).real))
+    return {
+        "fid": mean_term + cov_term,
+        "fid_mean_term": mean_term,
+        "fid_cov_term": cov_term,
+        "diversity": float(np.trace(cov_s)),
+        "similarity": float(np.mean(e @ mu_p)),
+    }
+
+
+def rows_of(name: str, overrides: list[str], run_dir: Path, ev: np.ndarray) -> list[dict]:
+    """One dict per generator: its samples' statistics, and the round that trained it."""
+    released = {
+        r["round"]: r for r in map(json.loads, (run_dir / "rounds.jsonl").read_text().splitlines())
+    }
     diags = {}
+    diag_path = run_dir / "diagnostics.jsonl"
     if diag_path.exists():
-        for line in diag_path.read_text().splitlines():
-            rec = json.loads(line)
+        for rec in map(json.loads, diag_path.read_text().splitlines()):
             if "round" in rec:
                 diags[rec["round"]] = rec
     rows = []
-    for rec in released:
-        d = diags.get(rec["round"], {})
-        row = {**rec, **d, "setting": name, "overrides": " ".join(overrides)}
-        row["seconds_total"] = d.get("seconds", {}).get("total")
+    for path in sorted((run_dir / "samples").glob("round_*.jsonl")):
+        g = int(path.stem.split("_")[1]) - 1  # samples of round G come from generator G-1
+        texts = [json.loads(x)["text"] for x in path.read_text().splitlines() if x]
+        trained_by = {**released.get(g, {}), **diags.get(g, {})}  # round g made generator g
+        row = {**trained_by, **sample_stats(texts, ev), "setting": name, "generator": g}
+        row["seconds_total"] = trained_by.get("seconds", {}).get("total")
+        row["overrides"] = " ".join(overrides)
         rows.append({k: row.get(k) for k in COLUMNS})
     return rows
 
@@ -95,20 +135,22 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
     panels = [
-        ("fid_next", "FID of fresh samples (lower: closer)"),
-        ("similarity_next", "similarity of fresh samples to held-out text"),
+        ("fid", "FID of the samples (lower: closer)"),
+        ("fid_mean_term", "FID mean term |mu_s - mu_p|^2"),
+        ("similarity", "similarity to held-out text"),
+        ("diversity", "diversity (trace of covariance)"),
         ("recovery", "pairs whose order survives the noise"),
-        ("dpo_reward_margin", "DPO reward margin"),
     ]
     fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     for i, (key, title) in enumerate(panels, start=1):
         ax = fig.add_subplot(1, len(panels), i)
         for s in settings:
-            pts = [(r["round"], r[key]) for r in rows if r["setting"] == s and r[key] is not None]
+            pts = [(r["generator"], r[key]) for r in rows
+                   if r["setting"] == s and r[key] is not None]  # fmt: skip
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=s)
-        ax.set_xlabel("round")
+        ax.set_xlabel("generator (DPO rounds trained)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=7)
@@ -124,12 +166,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/sweep"))
     parser.add_argument("--csv", type=Path, default=Path("docs/learning_sweep.csv"))
+    parser.add_argument("--report", action="store_true", help="only re-read finished runs")
     args = parser.parse_args(argv)
     names = args.only or list(SETTINGS)
+    ev = eval_embeddings()
     rows: list[dict] = []
     for name in names:
-        run_dir = run(name, SETTINGS[name], args.rounds, args.out, args.seed)
-        rows += rows_of(name, SETTINGS[name], run_dir)
+        if args.report:
+            run_dir = args.out / name
+            if not (run_dir / "rounds.jsonl").exists():
+                continue
+        else:
+            run_dir = run(name, SETTINGS[name], args.rounds, args.out, args.seed)
+        rows += rows_of(name, SETTINGS[name], run_dir, ev)
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as fh:  # rewritten after each setting
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
