@@ -55,7 +55,8 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 COLUMNS = (
-    "setting", "generator", "fid", "fid_mean_term", "fid_cov_term", "diversity", "similarity",
+    "setting", "generator", "fid", "fid_base", "fid_vs_base", "similarity", "similarity_base",
+    "fid_mean_term", "fid_cov_term", "diversity",
     "epsilon_spent", "noise_multiplier", "clients_accepted", "recovery", "score_gap_mean",
     "dpo_loss", "dpo_reward_margin", "seconds_total", "overrides",
 )  # fmt: skip
@@ -108,7 +109,39 @@ def sample_stats(texts: list[str], ev: np.ndarray) -> dict:
     }
 
 
-def rows_of(name: str, overrides: list[str], run_dir: Path, ev: np.ndarray) -> list[dict]:
+class BaseSamples:
+    """The base model's samples on given prompts (the prompt-matched reference).
+
+    Prompts change every round, and the FID of 96 samples moves with them by as much as DPO
+    moves it; comparing each generator with the base model *on the same prompts* takes the
+    prompts' share out (``fid_vs_base``).
+    """
+
+    def __init__(self) -> None:
+        from popri_flwr.hydra_config import load_config
+        from popri_flwr.models.generation import SamplingParams, TransformersGenerator
+        from popri_flwr.models.loading import load_causal_lm
+
+        cfg = load_config(["experiment=demo"])
+        model, self.tokenizer = load_causal_lm(device="cpu")
+        self.generator = TransformersGenerator(model, self.tokenizer, batch_size=96)
+        self.params = SamplingParams.from_config(cfg.generation, 12345)
+        self.cache: dict[tuple, list[str]] = {}
+
+    def texts(self, prompts: list[str], j: int) -> list[str]:
+        from popri_flwr.models.generation import generate_samples
+
+        key = (tuple(prompts), j)
+        if key not in self.cache:
+            out = generate_samples(self.generator, prompts, self.params, j,
+                                   tokenizer=self.tokenizer)  # fmt: skip
+            self.cache[key] = [t for group in out for t in group]
+        return self.cache[key]
+
+
+def rows_of(
+    name: str, overrides: list[str], run_dir: Path, ev: np.ndarray, base: BaseSamples
+) -> list[dict]:
     """One dict per generator: its samples' statistics, and the round that trained it."""
     released = {
         r["round"]: r for r in map(json.loads, (run_dir / "rounds.jsonl").read_text().splitlines())
@@ -122,9 +155,14 @@ def rows_of(name: str, overrides: list[str], run_dir: Path, ev: np.ndarray) -> l
     rows = []
     for path in sorted((run_dir / "samples").glob("round_*.jsonl")):
         g = int(path.stem.split("_")[1]) - 1  # samples of round G come from generator G-1
-        texts = [json.loads(x)["text"] for x in path.read_text().splitlines() if x]
+        records = [json.loads(x) for x in path.read_text().splitlines() if x]
+        texts = [r["text"] for r in records]
+        prompts = list(dict.fromkeys(r["prompt"] for r in records))
+        ref = sample_stats(base.texts(prompts, len(records) // len(prompts)), ev)
         trained_by = {**released.get(g, {}), **diags.get(g, {})}  # round g made generator g
         row = {**trained_by, **sample_stats(texts, ev), "setting": name, "generator": g}
+        row.update(fid_base=ref["fid"], similarity_base=ref["similarity"])
+        row["fid_vs_base"] = row["fid"] - ref["fid"]
         row["seconds_total"] = trained_by.get("seconds", {}).get("total")
         row["overrides"] = " ".join(overrides)
         rows.append({k: row.get(k) for k in COLUMNS})
@@ -136,7 +174,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     panels = [
         ("fid", "FID of the samples (lower: closer)"),
-        ("fid_mean_term", "FID mean term |mu_s - mu_p|^2"),
+        ("fid_vs_base", "FID minus the base model's on the same prompts"),
         ("similarity", "similarity to held-out text"),
         ("diversity", "diversity (trace of covariance)"),
         ("recovery", "pairs whose order survives the noise"),
@@ -170,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = args.only or list(SETTINGS)
     ev = eval_embeddings()
+    base = BaseSamples()
     rows: list[dict] = []
     for name in names:
         if args.report:
@@ -178,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
         else:
             run_dir = run(name, SETTINGS[name], args.rounds, args.out, args.seed)
-        rows += rows_of(name, SETTINGS[name], run_dir, ev)
+        rows += rows_of(name, SETTINGS[name], run_dir, ev, base)
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as fh:  # rewritten after each setting
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
