@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         "(--preset speed: OUT/results.csv and OUT/results.md only).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="small", help="configs/benchmark/PRESET.yaml")
+    parser.add_argument(
+        "--preset",
+        default="small",
+        help="configs/benchmark/PRESET.yaml: tiny, small, paper, or speed (old vs new paths)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
