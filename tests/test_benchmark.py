@@ -11,6 +11,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 
 from popri_flwr.cli.benchmark import load_benchmark_config, main
@@ -97,6 +98,7 @@ def test_tiny_grid_end_to_end(tmp_path):
             "epsilons=[7]",
             "synthetic_size=16",
             "max_eval_texts=24",
+            "seeds=2",
             # A run that fails after the config checks: the model does not exist.
             f"method_overrides={{popri: [generation.model={tmp_path / 'no-such-model'}]}}",
         ],
@@ -119,13 +121,23 @@ def test_tiny_grid_end_to_end(tmp_path):
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [r["method"] for r in table] == ["eps0", "epsinf", "popri"]
     assert (out / "results.md").read_text().count("\n") == 5
+    # Two seeds: each reference row is their mean, with its std; every seed is kept.
+    by_seed = list(csv.DictReader((out / "results_by_seed.csv").open()))
+    assert sorted((r["method"], r["seed"]) for r in by_seed if r["method"] == "eps0") == [
+        ("eps0", "0"), ("eps0", "1")]  # fmt: skip
+    acc0 = [float(r["accuracy"]) for r in by_seed if r["method"] == "eps0"]
+    assert float(table[0]["accuracy"]) == pytest.approx(np.mean(acc0))
+    assert float(table[0]["accuracy_std"]) == pytest.approx(np.std(acc0, ddof=1))
+    assert table[0]["seeds"] == "2" and (out / "rows" / "eps0_seed1.json").exists()
     png = (out / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Started again: finished rows are reused (not recomputed), the failed one is retried.
-    saved = json.loads((out / "rows" / "eps0.json").read_text())
+    saved = [json.loads((out / "rows" / f).read_text()) for f in ("eps0.json", "eps0_seed1.json")]
     again = {r["method"]: r for r in run_benchmark(bc)}
-    assert again["eps0"]["wall_seconds"] == saved["wall_seconds"]
+    assert again["eps0"]["wall_seconds"] == pytest.approx(
+        np.mean([r["wall_seconds"] for r in saved])
+    )
     assert again["popri"]["status"].startswith("failed")
 
 
@@ -171,3 +183,81 @@ def test_rows_of_an_older_scoring_version_are_not_reused(monkeypatch):
     before = bc.settings_hash()
     monkeypatch.setattr(benchmark, "SCORING_VERSION", benchmark.SCORING_VERSION - 1)
     assert bc.settings_hash() != before
+
+
+# ------------------------------------------------------------------------------ seeds, rows
+def test_grid_with_round0_and_per_method_epsilons():
+    bc = BenchmarkConfig(
+        methods=["eps0", "popri", "popri_round0", "pe"],
+        epsilons=[1.0],
+        method_epsilons={"popri": [1.0, float("inf")]},
+        seeds=2,
+    )
+    assert bc.grid() == [
+        ("eps0", None),
+        ("popri", 1.0),
+        ("popri", float("inf")),
+        ("pe", 1.0),
+        ("popri_round0", None),
+    ]
+    assert row_key("popri", 1.0, 2) == "popri_eps1_seed2" and row_key("eps0", None, 0) == "eps0"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["method_epsilons={eps0: [1]}"], "method_epsilons"),
+        (["method_epsilons={popri: []}"], "method_epsilons.popri"),
+        (["seeds=0"], "seeds"),
+        (["methods=[eps0,popri_round0]"], "methods"),
+    ],
+)
+def test_bad_seed_and_epsilon_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        load_benchmark_config("tiny", overrides)
+
+
+def test_seeds_are_averaged_with_sample_std_and_gap_closed_per_seed(tmp_path):
+    from popri_flwr.evaluation.benchmark import aggregate_seeds
+
+    rows = []
+    for seed, (a0, ainf, ap) in enumerate([(0.10, 0.30, 0.20), (0.12, 0.32, 0.27)]):
+        one = [
+            {"method": "eps0", "epsilon": 0.0, "status": "ok", "accuracy": a0, "seed": seed},
+            {"method": "epsinf", "epsilon": math.inf, "status": "ok", "accuracy": ainf,
+             "seed": seed},
+            {"method": "popri", "epsilon": 1.0, "status": "ok", "accuracy": ap, "seed": seed},
+        ]  # fmt: skip
+        finish_rows(one)
+        rows += one
+    rows.append({"method": "popri", "epsilon": 1.0, "status": "failed: boom", "seed": 2})
+    agg = {r["method"]: r for r in aggregate_seeds(rows)}
+    popri = agg["popri"]
+    assert popri["accuracy"] == pytest.approx(0.235)
+    assert popri["accuracy_std"] == pytest.approx(np.std([0.20, 0.27], ddof=1))
+    assert popri["gap_closed"] == pytest.approx((0.5 + 0.75) / 2)  # per seed, then averaged
+    assert popri["seeds"] == 2 and "1 of 3 seeds failed" in popri["status"]
+    csv_path, md_path = write_results(list(agg.values()), tmp_path)
+    table = {r["method"]: r for r in csv.DictReader(csv_path.open())}
+    assert float(table["popri"]["accuracy_std"]) == pytest.approx(popri["accuracy_std"])
+    assert "0.235 ± 0.0495" in md_path.read_text()
+
+
+def test_round0_texts_come_from_the_base_model_through_the_popri_run(tmp_path):
+    from popri_flwr.config import to_dict
+    from popri_flwr.evaluation.benchmark import round0_texts
+    from popri_flwr.hydra_config import load_config
+    from popri_flwr.run_dir import RunDirectory
+
+    bc = BenchmarkConfig(out_dir=str(tmp_path), methods=["popri", "popri_round0"], epsilons=[7])
+    with pytest.raises(RuntimeError, match="no popri run"):
+        round0_texts(bc, 0, 2)
+    run = RunDirectory(tmp_path / "runs" / "popri_eps7")
+    cfg = load_config(["experiment=demo", "generation.max_new_tokens=8", "strategy.shots=1"])
+    run.write_config(to_dict(cfg))
+    public = ["The nation is strong and our union endures.", "Taxes must be fair to all."]
+    run.write_jsonl(run.path / "public_set.jsonl", ({"text": t} for t in public))
+    texts = round0_texts(bc, 0, 3)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert not (run.path / "adapter").exists()  # no adapter anywhere: the base model wrote them
+    assert round0_texts(bc, 0, 3) == texts  # resumable file, same texts

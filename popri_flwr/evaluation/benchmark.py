@@ -4,9 +4,15 @@ One row per (method, epsilon)::
 
     eps0       downstream LM trained on public zero-shot samples (no client feedback)
     epsinf     downstream LM trained on the clients' private training text itself
+    popri_round0  POPri's prompts and sampling with the base generator: everything POPri does
+               except the client feedback (no privacy spent; needs a popri row, whose public
+               set it shares)
     popri, pe  a private run (``popri-run strategy=NAME privacy.epsilon=EPS``), then N synthetic
                texts from its result, then the downstream LM trained on them
     dp_fedavg  a private run that trains the downstream LM itself; its final model is scored
+
+With ``seeds = S`` every row runs S times (``seed = downstream.seed = s``, s = 0..S-1);
+``results.csv`` holds the mean and std over seeds and ``results_by_seed.csv`` every seed.
 
 Every row is scored by the same metric on the same held-out private evaluation text
 (:func:`popri_flwr.evaluation.downstream.train_downstream`, same seed, same token budget) and::
@@ -45,10 +51,14 @@ logger = logging.getLogger(__name__)
 #: Rows that need no private run; every other method name is a ``strategy.name``.
 REFERENCES = ("eps0", "epsinf")
 
+#: POPri without feedback: the base generator through POPri's prompts (from a popri run).
+ROUND0 = "popri_round0"
+
 #: Bumped when the way rows are scored changes (2: eps-inf texts cut to truncate_tokens; 3: PLD
-#: accounting and secret noise; 4: prefix-shared, bf16 generation), so rows cached by an older
+#: accounting and secret noise; 4: prefix-shared, bf16 generation; 5: seeds set downstream.seed
+#: and rows carry their seed), so rows cached by an older
 #: version are computed again instead of mixed into a new table.
-SCORING_VERSION = 4
+SCORING_VERSION = 5
 
 #: Column order of ``results.csv`` (and of the Markdown table, minus ``run_dir``).
 COLUMNS = (
@@ -63,6 +73,7 @@ COLUMNS = (
     "recall",
     "epsilon_spent",
     "wall_seconds",
+    "seeds",
     "bytes_down_per_client_round",
     "bytes_up_per_client_round",
     "client_seconds_per_round",
@@ -96,6 +107,13 @@ class BenchmarkConfig:
         Held-out private texts the downstream accuracy and FID are measured on (seeded subsample).
     resume
         Skip rows already in ``rows/`` (and let runs resume).
+    seeds
+        Runs of every row with seeds 0..seeds-1 (public randomness: prompts, generation, DPO,
+        downstream training); the table reports mean and std. The held-out evaluation text is
+        the same for every seed.
+    method_epsilons
+        Per-method budgets replacing ``epsilons`` (e.g. ``{popri: [1.0, 7.0, .inf]}``: POPri
+        also without noise, the mechanism's ceiling, without running PE at infinity).
     """
 
     name: str = "small"
@@ -107,11 +125,13 @@ class BenchmarkConfig:
     synthetic_size: int = 200
     max_eval_texts: int = 1000
     resume: bool = True
+    seeds: int = 1
+    method_epsilons: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from popri_flwr.strategies import STRATEGIES
 
-        known = set(REFERENCES) | set(STRATEGIES)
+        known = set(REFERENCES) | set(STRATEGIES) | {ROUND0}
         for m in self.methods:
             if m not in known:
                 raise ConfigError(
@@ -122,6 +142,20 @@ class BenchmarkConfig:
         for e in self.epsilons:
             if not (float(e) > 0):
                 raise ConfigError(f"epsilons: each must be > 0 (or .inf), got {e!r}")
+        for m, eps in self.method_epsilons.items():
+            if m not in set(STRATEGIES):
+                raise ConfigError(
+                    f"method_epsilons: {m!r} is not a private method; expected some of "
+                    f"{sorted(STRATEGIES)}"
+                )
+            if not eps or not all(float(e) > 0 for e in eps):
+                raise ConfigError(
+                    f"method_epsilons.{m}: a non-empty list of budgets > 0 (or .inf), got {eps!r}"
+                )
+        if int(self.seeds) < 1:
+            raise ConfigError(f"seeds: must be >= 1, got {self.seeds!r}")
+        if ROUND0 in self.methods and "popri" not in self.methods:
+            raise ConfigError(f"methods: {ROUND0} needs a popri row (it reuses its public set)")
         for key in ("synthetic_size", "max_eval_texts"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
@@ -140,10 +174,22 @@ class BenchmarkConfig:
         blob = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def grid(self) -> list[tuple[str, float | None]]:
-        """(method, epsilon) of every row, references first (they anchor ``gap_closed``)."""
+    def epsilons_of(self, method: str) -> list[float]:
+        """The budgets ``method`` runs at (``method_epsilons``, else ``epsilons``)."""
+        return [float(e) for e in self.method_epsilons.get(method, self.epsilons)]
+
+    def grid(self, seed: int | None = None) -> list[tuple[str, float | None]]:
+        """(method, epsilon) of every row of one seed: references first (they anchor
+        ``gap_closed``), then private rows, then ``popri_round0`` (after the popri run)."""
         rows: list[tuple[str, float | None]] = [(m, None) for m in REFERENCES if m in self.methods]
-        rows += [(m, float(e)) for m in self.methods if m not in REFERENCES for e in self.epsilons]
+        rows += [
+            (m, e)
+            for m in self.methods
+            if m not in REFERENCES and m != ROUND0
+            for e in self.epsilons_of(m)
+        ]
+        if ROUND0 in self.methods:
+            rows.append((ROUND0, None))
         return rows
 
 
@@ -155,12 +201,13 @@ def gap_closed(acc: float, acc_eps0: float, acc_epsinf: float) -> float:
     return (acc - acc_eps0) / denom
 
 
-def row_key(method: str, epsilon: float | None) -> str:
-    """File stem of a row: ``popri_eps1``, ``popri_eps7.5``, ``eps0``."""
+def row_key(method: str, epsilon: float | None, seed: int = 0) -> str:
+    """File stem of a row: ``popri_eps1``, ``popri_eps7.5``, ``eps0``; ``..._seed2`` for seed 2."""
+    suffix = f"_seed{seed}" if seed else ""
     if epsilon is None:
-        return method
+        return method + suffix
     eps = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
-    return f"{method}_eps{eps}"
+    return f"{method}_eps{eps}{suffix}"
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -182,6 +229,19 @@ class Evaluator:
         self.eval_texts = texts
         self._eval_emb: np.ndarray | None = None
         self._embedder = None
+
+    def for_seed(self, seed: int) -> Evaluator:
+        """The same evaluation text and embedder; generation and downstream seeded ``seed``."""
+        import copy
+        import dataclasses
+
+        other = copy.copy(self)
+        other.cfg = dataclasses.replace(
+            self.cfg,
+            seed=int(seed),
+            downstream=dataclasses.replace(self.cfg.downstream, seed=int(seed)),
+        )
+        return other
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         from popri_flwr.models.embedding import get_embedder
@@ -330,7 +390,7 @@ def run_costs(run_dir: Path) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- running
 def run_private(
-    bc: BenchmarkConfig, method: str, epsilon: float, run_dir: Path, log_path: Path
+    bc: BenchmarkConfig, method: str, epsilon: float, run_dir: Path, log_path: Path, seed: int = 0
 ) -> None:
     """``popri-run`` for one row, in a subprocess (a crash fails the row, not the grid)."""
     args = [
@@ -341,12 +401,14 @@ def run_private(
         f"strategy={method}",
         *bc.method_overrides.get(method, []),
         f"privacy.epsilon={'.inf' if math.isinf(epsilon) else epsilon}",
+        f"seed={seed}",
+        f"downstream.seed={seed}",
         "evaluation.report_client_seconds=true",
         "diagnostics=true",
         f"run_dir={run_dir}",
     ]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    logger.info("%s: %s (log: %s)", row_key(method, epsilon), " ".join(args[3:]), log_path)
+    logger.info("%s: %s (log: %s)", row_key(method, epsilon, seed), " ".join(args[3:]), log_path)
     with open(log_path, "ab") as log:
         proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
@@ -355,24 +417,49 @@ def run_private(
         raise RuntimeError(f"popri-run wrote no rounds; see {log_path}")
 
 
+def round0_texts(bc: BenchmarkConfig, seed: int, n: int) -> list[str]:
+    """``n`` texts of the base generator through POPri's prompts (the popri run's public set).
+
+    Nothing here depends on the clients: the public set is model-written from the public
+    description, the prompts are drawn from it, and the adapter is left out.
+    """
+    from popri_flwr.evaluation.synthetic import generate_synthetic, load_texts_jsonl
+
+    run_dir = (bc.out / "runs" / row_key("popri", bc.epsilons_of("popri")[0], seed)).resolve()
+    if not (run_dir / "public_set.jsonl").exists():
+        raise RuntimeError(f"{run_dir}: no popri run to take the public set from (failed?)")
+    out = run_dir / "synthetic_round0.jsonl"
+    return load_texts_jsonl(generate_synthetic(run_dir, n, out, adapter=False))
+
+
 def evaluate_row(
-    bc: BenchmarkConfig, method: str, epsilon: float | None, evaluator: Evaluator
+    bc: BenchmarkConfig,
+    method: str,
+    epsilon: float | None,
+    evaluator: Evaluator,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Run (if private) and score one row; exceptions propagate to :func:`run_row`."""
+    evaluator = evaluator.for_seed(seed)
     cfg = evaluator.cfg
-    row: dict[str, Any] = {"method": method, "epsilon": epsilon}
+    row: dict[str, Any] = {"method": method, "epsilon": epsilon, "seed": seed}
+    if method == ROUND0:
+        row.update(evaluator.texts(round0_texts(bc, seed, bc.synthetic_size)))
+        row["epsilon_spent"] = 0.0
+        return row
     if method in REFERENCES:
         texts = reference_texts(method, cfg, evaluator, bc.synthetic_size)
         if method == "eps0":  # public texts: kept for inspection (the private ones are not)
-            path = bc.out / "rows" / "eps0_texts.jsonl"
+            path = bc.out / "rows" / f"{row_key('eps0', None, seed)}_texts.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         row.update(evaluator.texts(texts))
         row["epsilon_spent"] = 0.0 if method == "eps0" else float("inf")
         return row
-    run_dir = (bc.out / "runs" / row_key(method, epsilon)).resolve()
+    key = row_key(method, epsilon, seed)
+    run_dir = (bc.out / "runs" / key).resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    run_private(bc, method, epsilon, run_dir, bc.out / "logs" / f"{row_key(method, epsilon)}.log")
+    run_private(bc, method, epsilon, run_dir, bc.out / "logs" / f"{key}.log", seed)
     row["run_dir"] = str(run_dir)
     row.update(run_costs(run_dir))
     if method == "dp_fedavg":
@@ -385,35 +472,43 @@ def evaluate_row(
 
 
 def run_row(
-    bc: BenchmarkConfig, method: str, epsilon: float | None, evaluator: Evaluator | None
+    bc: BenchmarkConfig,
+    method: str,
+    epsilon: float | None,
+    evaluator: Evaluator | None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """One row, cached in ``rows/``; a failure becomes a row whose status says why."""
-    path = bc.out / "rows" / f"{row_key(method, epsilon)}.json"
+    """One row of one seed, cached in ``rows/``; a failure becomes a row saying why."""
+    key = row_key(method, epsilon, seed)
+    path = bc.out / "rows" / f"{key}.json"
     if bc.resume and path.exists():
         row = json.loads(path.read_text())
         if str(row.get("status")).startswith("ok") and row.get("settings") == bc.settings_hash():
-            logger.info("%s: done earlier (%s)", row_key(method, epsilon), path)
+            logger.info("%s: done earlier (%s)", key, path)
             return row
         if row.get("status") == "ok":
-            logger.warning(
-                "%s: settings changed since %s; running it again", row_key(method, epsilon), path
-            )
+            logger.warning("%s: settings changed since %s; running it again", key, path)
     start = time.perf_counter()
     try:
         if evaluator is None:
             raise RuntimeError("the evaluation set-up failed (see the log above)")
-        row = {**evaluate_row(bc, method, epsilon, evaluator), "status": "ok"}
+        row = {**evaluate_row(bc, method, epsilon, evaluator, seed), "status": "ok"}
         private = row.pop("differentially_private", True)
         if not private and epsilon is not None and math.isfinite(epsilon):
             # Seeded debug noise: the epsilon column means nothing for this row.
             row["status"] = "ok (NOT differentially private: debug_noise_seed)"
     except Exception as err:  # noqa: BLE001 - one failed method must not hide the others
-        logger.exception("%s failed", row_key(method, epsilon))
-        row = {"method": method, "epsilon": epsilon, "status": f"failed: {err}".splitlines()[0]}
+        logger.exception("%s failed", key)
+        row = {
+            "method": method,
+            "epsilon": epsilon,
+            "seed": seed,
+            "status": f"failed: {err}".splitlines()[0],
+        }
     row["wall_seconds"] = time.perf_counter() - start
     row["settings"] = bc.settings_hash()
-    if method in REFERENCES:  # shown as the budgets they stand for
-        row["epsilon"] = 0.0 if method == "eps0" else float("inf")
+    if method in REFERENCES or method == ROUND0:  # shown as the budgets they stand for
+        row["epsilon"] = float("inf") if method == "epsinf" else 0.0
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, allow_nan=True))
     return row
@@ -434,13 +529,64 @@ def run_benchmark(bc: BenchmarkConfig) -> list[dict[str, Any]]:
     except Exception:  # noqa: BLE001 - every row then fails with the reason logged
         logger.exception("evaluation set-up failed")
         evaluator = None
-    rows = []
-    for method, epsilon in bc.grid():
-        rows.append(run_row(bc, method, epsilon, evaluator))
-        finish_rows(rows)
-        write_results(rows, bc.out)
+    by_seed: list[dict[str, Any]] = []
+    for seed in range(bc.seeds):
+        seed_rows: list[dict[str, Any]] = []
+        for method, epsilon in bc.grid():
+            seed_rows.append(run_row(bc, method, epsilon, evaluator, seed))
+            finish_rows(seed_rows)
+            write_results(aggregate_seeds([*by_seed, *seed_rows]), bc.out)
+            write_results([*by_seed, *seed_rows], bc.out, name="results_by_seed")
+        by_seed += seed_rows
+    rows = aggregate_seeds(by_seed)
     write_plots(rows, bc.out)
     return rows
+
+
+#: Columns averaged over seeds (each also gets ``<column>_std``).
+MEAN_COLUMNS = (
+    "accuracy", "top5_accuracy", "gap_closed", "fid", "precision", "recall", "epsilon_spent",
+    "wall_seconds", "bytes_down_per_client_round", "bytes_up_per_client_round",
+    "client_seconds_per_round",
+)  # fmt: skip
+
+
+def aggregate_seeds(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, epsilon): mean and sample std over its successful seeds.
+
+    ``gap_closed`` is computed per seed against that seed's references, then averaged.
+    ``seeds`` counts the seeds that succeeded; with none, the row keeps the first failure.
+    """
+    groups: dict[tuple[str, Any], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r.get("epsilon")), []).append(r)
+    out = []
+    for (method, epsilon), group in groups.items():
+        ok = [r for r in group if str(r.get("status", "")).startswith("ok")]
+        if not ok:
+            out.append({**group[0], "seeds": 0})
+            continue
+        row: dict[str, Any] = {**ok[0], "method": method, "epsilon": epsilon, "seeds": len(ok)}
+        row.pop("seed", None)
+        for col in MEAN_COLUMNS:
+            vals = [float(r[col]) for r in ok if _number(r.get(col)) is not None]
+            if not vals:
+                continue
+            row[col] = float(np.mean(vals))
+            spread = len(vals) > 1 and all(map(math.isfinite, vals))  # not for epsilon = inf
+            row[f"{col}_std"] = float(np.std(vals, ddof=1)) if spread else float("nan")
+        if len(ok) < len(group):
+            row["status"] = f"ok ({len(group) - len(ok)} of {len(group)} seeds failed)"
+        out.append(row)
+    return out
+
+
+def _number(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
 
 
 def finish_rows(rows: list[dict[str, Any]]) -> None:
@@ -470,20 +616,35 @@ def _fmt(value: Any, key: str) -> str:
     return str(value)
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], out: Path) -> tuple[Path, Path]:
-    """``results.csv`` (all columns, raw values) and ``results.md`` (formatted table)."""
-    csv_path, md_path = out / "results.csv", out / "results.md"
+def write_results(
+    rows: Sequence[Mapping[str, Any]], out: Path, name: str = "results"
+) -> tuple[Path, Path]:
+    """``NAME.csv`` (all columns, raw values) and ``NAME.md`` (formatted table).
+
+    Rows aggregated over seeds carry ``<column>_std``: the CSV gets those columns and the
+    Markdown shows ``mean ± std``.
+    """
+    csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
+    stds = [f"{c}_std" for c in MEAN_COLUMNS if any(f"{c}_std" in r for r in rows)]
+    columns = [*COLUMNS, *stds] if name == "results" else ["seed", *COLUMNS]
     tmp = csv_path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
+            w.writerow({k: r.get(k, "") for k in columns})
     os.replace(tmp, csv_path)
-    cols = [c for c in COLUMNS if c != "run_dir"]
+    cols = [c for c in columns if c != "run_dir" and not c.endswith("_std")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c), c) for c in cols) + " |")
+        cells = []
+        for c in cols:
+            cell = _fmt(r.get(c), c)
+            std = r.get(f"{c}_std")
+            if cell and isinstance(std, float) and math.isfinite(std):
+                cell += f" ± {_fmt(std, c)}"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -497,7 +658,7 @@ def write_plots(rows: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
         plots.plot_accuracy(rows, out / "accuracy.png")
         written.append(out / "accuracy.png")
         runs = {
-            row_key(r["method"], r["epsilon"]): r["run_dir"]
+            row_key(r["method"], r["epsilon"], int(r.get("seed") or 0)): r["run_dir"]
             for r in rows
             if r.get("run_dir") and (Path(r["run_dir"]) / "rounds.jsonl").exists()
         }

@@ -185,7 +185,8 @@ def plot_accuracy(
         Benchmark rows (dicts or a DataFrame) with ``method``, ``epsilon``, ``status`` and
         ``metric``. ``eps0`` / ``epsinf`` rows become horizontal reference lines. A row whose
         status is not ``"ok"`` (or whose value is missing) leaves its bar out and is marked
-        ``failed`` / ``n/a`` at the bar's place.
+        ``failed`` / ``n/a`` at the bar's place. A ``<metric>_std`` column (the spread over
+        seeds) becomes error bars, and a band around the reference lines.
     path
         PNG file to write.
     metric
@@ -244,7 +245,9 @@ def plot_accuracy(
                 label = "failed" if not _ok(row) else "n/a"
                 ax.text(x, 0.02 * top, label, rotation=90, ha="center", va="bottom", fontsize=8)
                 continue
-            ax.bar(x, value * scale, width * 0.95, color=colors[method])
+            std = _number(row.get(f"{metric}_std"))  # over seeds, when there are several
+            ax.bar(x, value * scale, width * 0.95, color=colors[method],
+                   yerr=None if std is None else std * scale, capsize=3)  # fmt: skip
             ax.text(x, value * scale, f"{value * scale:.1f}", ha="center", va="bottom", fontsize=8)
     # Legend: every method (whatever its bars did), then the references.
     handles: list[Any] = [Patch(color=colors[m], label=m) for m in methods]
@@ -257,6 +260,9 @@ def plot_accuracy(
             label += ": failed" if not _ok(ref) else ": n/a"
         else:
             ax.axhline(value * scale, color=color, ls=style)
+            std = _number(ref.get(f"{metric}_std"))
+            if std is not None:  # the reference's spread over seeds
+                ax.axhspan((value - std) * scale, (value + std) * scale, color=color, alpha=0.12)
             label += f": {value * scale:.1f}"
         handles.append(Line2D([], [], color=color, ls=style, label=label))
     ax.set_xticks(range(len(epsilons)), [_eps_label(e) for e in epsilons])
