@@ -187,6 +187,27 @@ def test_seed_reproducibility_and_global_rng_untouched(trained):
     assert other_seed.per_epoch[0]["train_loss"] != trained.per_epoch[0]["train_loss"]
 
 
+def test_bf16_autocast_stays_close_to_float32():
+    # The same seeded run in float32 and under bf16 autocast: not bit-identical (so autocast is
+    # really on), but within a stated tolerance of the loss and the metric.
+    fp32 = train_downstream(TRAIN, EVAL, tiny_config(bf16=False), progress=False)
+    bf16 = train_downstream(TRAIN, EVAL, tiny_config(bf16=True), progress=False)
+    first32, first16 = fp32.per_epoch[0], bf16.per_epoch[0]
+    assert first16["train_loss"] != first32["train_loss"]
+    assert first16["train_loss"] == pytest.approx(first32["train_loss"], rel=0.02)
+    assert first16["eval_loss"] == pytest.approx(first32["eval_loss"], rel=0.05)
+    assert abs(bf16.best_top1 - fp32.best_top1) <= 0.05, (bf16.best_top1, fp32.best_top1)
+
+
+def test_bf16_default_follows_the_hardware(caplog):
+    from popri_flwr.models.loading import native_bf16
+
+    assert DownstreamConfig().bf16 is None
+    with caplog.at_level("INFO", logger="popri_flwr.evaluation.downstream"):
+        train_downstream(TRAIN[:4], EVAL, tiny_config(epochs=1), progress=False)
+    assert f"bf16 {native_bf16('cpu')}" in caplog.text
+
+
 def test_token_budget_cuts_the_training_set():
     result = train_downstream(
         TRAIN, EVAL, tiny_config(epochs=1, max_train_tokens=50), progress=False
@@ -218,6 +239,7 @@ def test_evaluation_split_without_tokens():
         ({"weight_decay": -0.1}, "downstream.weight_decay"),
         ({"max_train_tokens": 0}, "downstream.max_train_tokens"),
         ({"model": ""}, "downstream.model"),
+        ({"bf16": "yes"}, "downstream.bf16"),
     ],
 )
 def test_bad_config_values(kwargs, key):

@@ -102,10 +102,11 @@ def test_cpu_bf16_autocast_stays_close_to_float32(both):
 def test_bf16_default_follows_the_hardware():
     assert DPOStepConfig().bf16 is None
     # DPOStep resolves None to bf16 on CUDA and on a CPU with native bf16 instructions.
-    from popri_flwr.models.dpo import _default_bf16
+    from popri_flwr.models.loading import native_bf16
 
-    assert _default_bf16("cpu") == cpu_supports_bf16()
-    assert _default_bf16("cuda:0") is True
+    assert native_bf16("cpu") == cpu_supports_bf16()
+    assert native_bf16("cuda:0") is True
+    assert native_bf16("mps") is False
 
 
 def test_precompute_flag_is_validated():

@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from popri_flwr.models.loading import DEFAULT_GENERATOR, resolve_device, resolve_model_path
+from popri_flwr.models.loading import (
+    DEFAULT_GENERATOR,
+    native_bf16,
+    resolve_device,
+    resolve_model_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,10 @@ class DownstreamConfig:
         one is cut. ``None``: no limit.
     seed
         Seeds the initialization, dropout and the shuffling.
+    bf16
+        bf16 autocast for the forward passes (weights, optimizer and the loss stay float32).
+        ``None``: on where it is native (CUDA, or a CPU with ``avx512_bf16``/``amx_bf16``; see
+        :func:`popri_flwr.models.loading.native_bf16`), off elsewhere.
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cache_dir
@@ -75,6 +84,7 @@ class DownstreamConfig:
     weight_decay: float = 0.01
     max_train_tokens: int | None = None
     seed: int = 0
+    bf16: bool | None = None
     device: str = "cpu"
     cache_dir: str | Path | None = None
 
@@ -105,6 +115,8 @@ class DownstreamConfig:
                 "downstream.max_train_tokens: must be a positive integer or None, "
                 f"got {self.max_train_tokens!r}"
             )
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ValueError(f"downstream.bf16: expected true, false or null, got {self.bf16!r}")
         if not self.model:
             raise ValueError("downstream.model: must be 'gpt2-small-scratch' or a model id/path")
 
@@ -224,9 +236,15 @@ def next_token_accuracy(
 
 @torch.no_grad()
 def evaluate_lm(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    batch_size: int,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """Top-1/top-5 next-token accuracy and mean cross-entropy over real targets.
+
+    ``bf16`` runs the forward passes under bf16 autocast; the loss is taken in float32.
 
     Returns
     -------
@@ -241,7 +259,8 @@ def evaluate_lm(
     for start in range(0, len(input_ids), batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         mask = attention_mask[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        with _autocast(device, bf16):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
         acc = next_token_accuracy(logits, ids, mask, k=(1, 5))
         correct1 += acc["correct_top1"]
         correct5 += acc["correct_top5"]
@@ -256,6 +275,11 @@ def evaluate_lm(
         "tokens": total,
         "loss": loss_sum / total,
     }
+
+
+def _autocast(device: torch.device | str, bf16: bool):
+    """bf16 autocast on ``device`` when ``bf16``, else a no-op context."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _lm_loss(
@@ -370,6 +394,7 @@ def train_downstream(
     if not eval_texts:
         raise ValueError("downstream: the evaluation split has no tokens (no non-blank texts)")
     device = resolve_device(config.device)
+    bf16 = native_bf16(device) if config.bf16 is None else config.bf16
     tokenizer = load_tokenizer(config)
     train_ids, train_mask = encode_for_lm(train_texts, tokenizer, config.seq_len)
     train_mask, n_rows = _apply_token_budget(train_mask, config.max_train_tokens)
@@ -380,11 +405,13 @@ def train_downstream(
     if eval_tokens == 0:
         raise ValueError("downstream: the evaluation split has no tokens")
     logger.info(
-        "downstream: %d training texts (%d tokens), %d evaluation texts (%d scored tokens)",
+        "downstream: %d training texts (%d tokens), %d evaluation texts (%d scored tokens), "
+        "bf16 %s",
         n_rows,
         train_tokens,
         len(eval_texts),
         eval_tokens,
+        bf16,
     )
 
     fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
@@ -408,7 +435,8 @@ def train_downstream(
                 ids, mask = train_ids[idx].to(device), train_mask[idx].to(device)
                 if mask[:, 1:].sum() == 0:  # only possible for a budget-cut row of 1 token
                     continue
-                logits = model(input_ids=ids, attention_mask=mask).logits
+                with _autocast(device, bf16):
+                    logits = model(input_ids=ids, attention_mask=mask).logits
                 loss = _lm_loss(logits, ids, mask)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -416,7 +444,7 @@ def train_downstream(
                 optimizer.step()
                 loss_sum += loss.item()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            metrics = evaluate_lm(model, eval_ids, eval_mask, config.batch_size)
+            metrics = evaluate_lm(model, eval_ids, eval_mask, config.batch_size, bf16)
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / max(len(batches), 1),

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from popri_flwr.models.loading import resolve_device
+from popri_flwr.models.loading import native_bf16, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class DPOStepConfig:
     bf16
         bf16 mixed precision (autocast; weights and optimizer stay float32). ``None`` = on CUDA,
         and on a CPU with native bf16 (``avx512_bf16``/``amx_bf16``, see
-        :func:`popri_flwr.models.generation.cpu_supports_bf16`): there a demo round runs ~2-2.4x
+        :func:`popri_flwr.models.loading.native_bf16`): there a demo round runs ~2-2.4x
         faster than float32 and its loss moves by < 0.001 (``popri_flwr.speed.dpo``,
         ``tests/test_dpo_reference.py``). ``false`` for float32-exact runs.
     gradient_checkpointing
@@ -211,7 +211,7 @@ class DPOStep:
         if isinstance(model, PeftModel):
             raise ValueError("model: expected a plain causal LM (DPOStep adds the LoRA adapter)")
         self.device = resolve_device(config.device)
-        self.bf16 = _default_bf16(self.device) if config.bf16 is None else bool(config.bf16)
+        self.bf16 = native_bf16(self.device) if config.bf16 is None else bool(config.bf16)
         self.tokenizer = tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -478,15 +478,6 @@ def _step_bar() -> Any:
             self.bar.close()
 
     return StepBar()
-
-
-def _default_bf16(device: str) -> bool:
-    """bf16 where it is native: any CUDA device TRL runs on, or a CPU with bf16 instructions."""
-    if device.startswith("cuda"):
-        return True
-    from popri_flwr.models.generation import cpu_supports_bf16
-
-    return device == "cpu" and cpu_supports_bf16()
 
 
 def _with_ref_logps(trainer: Any, model: Any) -> Any:

@@ -7,13 +7,13 @@ A generator maps prompts and sampling parameters to texts. The strategy swaps
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from popri_flwr.algorithms.prompts import extract_sample
+from popri_flwr.models.loading import cpu_supports_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -69,20 +69,6 @@ class Generator(Protocol):
 
 #: Accepted values of ``TransformersGenerator(dtype=...)`` (and ``generation.dtype``).
 DTYPES = ("auto", "float32", "bfloat16")
-
-
-def cpu_supports_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16``).
-
-    Without it torch still runs bf16 on the CPU, but emulated and slower than float32, so
-    ``dtype="auto"`` keeps float32 there. Non-Linux systems (no ``/proc/cpuinfo``) count as
-    unsupported.
-    """
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 def resolve_dtype(dtype: str, device: Any, model_dtype: Any = None) -> Any:

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,30 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but no CUDA GPU is visible")
     return device
+
+
+def cpu_supports_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16``).
+
+    Without it torch still runs bf16 on the CPU, but emulated and slower than float32, so
+    ``dtype="auto"`` keeps float32 there. Non-Linux systems (no ``/proc/cpuinfo``) count as
+    unsupported.
+    """
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 autocast pays off on ``device``: CUDA, or a CPU with native bf16.
+
+    The default of every ``bf16: null`` switch (DPO, the downstream LM).
+    """
+    if device.startswith("cuda"):
+        return True
+    return device == "cpu" and cpu_supports_bf16()
 
 
 def load_generator_model(
