@@ -74,6 +74,21 @@ def test_cli_bad_preset_is_one_line(capsys):
     assert len(err) == 1 and "--preset" in err[0] and "tiny" in err[0]
 
 
+def test_cli_help_lists_every_settable_key(capsys):
+    import dataclasses
+
+    from popri_flwr.evaluation.benchmark import BenchmarkConfig
+    from popri_flwr.speed.report import SpeedConfig
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for cls in (BenchmarkConfig, SpeedConfig):
+        for f in dataclasses.fields(cls):
+            if f.name != "name":
+                assert f.name in text, f.name
+
+
 def test_results_table_keeps_failed_rows(tmp_path):
     rows = [
         {"method": "eps0", "epsilon": 0.0, "status": "ok", "accuracy": 0.1, "wall_seconds": 3.0},

@@ -56,6 +56,17 @@ def load_benchmark_config(preset: str, overrides: list[str]):
         raise ConfigError(str(err)) from None
 
 
+def _keys(schema: str) -> list[str]:
+    """The settable fields of a benchmark config class (``name`` comes from the preset)."""
+    import dataclasses
+
+    if schema == "SpeedConfig":
+        from popri_flwr.speed.report import SpeedConfig as cls
+    else:
+        from popri_flwr.evaluation.benchmark import BenchmarkConfig as cls
+    return [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="popri-benchmark",
@@ -74,10 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="override preset keys: methods, epsilons, run_overrides, method_overrides, "
-        "synthetic_size, max_eval_texts, out_dir, resume (speed: rows, repeats, "
-        "demo_clients_per_node, large_clients, large_samples, large_clients_per_node, "
-        "large_baseline_clients, out_dir)",
+        help=f"override preset keys: {', '.join(_keys('BenchmarkConfig'))} "
+        f"(speed: {', '.join(_keys('SpeedConfig'))}). Lists take YAML syntax, e.g. "
+        "'methods=[eps0,epsinf]' or 'run_overrides=[\"experiment=demo\",\"rounds=5\"]'",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(
