@@ -56,9 +56,9 @@ ROUND0 = "popri_round0"
 
 #: Bumped when the way rows are scored changes (2: eps-inf texts cut to truncate_tokens; 3: PLD
 #: accounting and secret noise; 4: prefix-shared, bf16 generation; 5: seeds set downstream.seed
-#: and rows carry their seed), so rows cached by an older
-#: version are computed again instead of mixed into a new table.
-SCORING_VERSION = 5
+#: and rows carry their seed; 6: the downstream LM trains under bf16 autocast where native), so
+#: rows cached by an older version are computed again instead of mixed into a new table.
+SCORING_VERSION = 6
 
 #: Column order of ``results.csv`` (and of the Markdown table, minus ``run_dir``).
 COLUMNS = (
