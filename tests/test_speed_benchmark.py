@@ -59,6 +59,16 @@ def test_speed_preset_writes_the_table(tmp_path, capsys):
     assert "EXTRAPOLATED from 3 clients" in md and "client_phase_72k" in capsys.readouterr().out
 
 
+def test_downstream_row_times_float32_against_bf16():
+    from popri_flwr.speed.downstream import compare_downstream
+
+    row = compare_downstream(num_texts=8, num_eval=8)
+    assert row["baseline_s"] > 0 and row["new_s"] > 0
+    assert row["ratio"] == pytest.approx(row["baseline_s"] / row["new_s"], rel=0.05)
+    # Both runs really trained and were scored: the note carries their two top-1 accuracies.
+    assert "8 texts" in row["note"] and row["note"].count("0.") >= 2
+
+
 def test_speed_preset_refuses_an_unknown_row(tmp_path, capsys):
     assert main(["--preset", "speed", "rows=[warp_drive]", f"out_dir={tmp_path}"]) == 2
     assert "rows: unknown measure 'warp_drive'" in capsys.readouterr().err

@@ -18,7 +18,14 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-ROWS = ("generation_demo", "generation_3shot", "dpo_round", "client_phase_demo", "client_phase_72k")
+ROWS = (
+    "generation_demo",
+    "generation_3shot",
+    "dpo_round",
+    "downstream_epoch",
+    "client_phase_demo",
+    "client_phase_72k",
+)
 
 
 @dataclass
@@ -37,6 +44,8 @@ class SpeedConfig:
         Runs of each generation / DPO path, interleaved; the fastest counts.
     demo_clients_per_node
         Cohort size of ``client_phase_demo``'s new path.
+    downstream_texts
+        Training texts of ``downstream_epoch``.
     large_clients, large_samples, large_clients_per_node
         ``client_phase_72k``: clients, samples per round, cohort size.
     large_baseline_clients
@@ -49,6 +58,7 @@ class SpeedConfig:
     rows: list[str] = field(default_factory=lambda: list(ROWS))
     repeats: int = 1
     demo_clients_per_node: int = 24
+    downstream_texts: int = 480
     large_clients: int = 72_000
     large_samples: int = 18_000
     large_clients_per_node: int = 2_000
@@ -58,8 +68,11 @@ class SpeedConfig:
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown:
             raise ValueError(f"rows: unknown measure {unknown[0]!r}; expected some of {ROWS}")
-        for key in ("repeats", "demo_clients_per_node", "large_clients", "large_samples",
-                    "large_clients_per_node", "large_baseline_clients"):  # fmt: skip
+        positive = (
+            "repeats", "demo_clients_per_node", "downstream_texts", "large_clients",
+            "large_samples", "large_clients_per_node", "large_baseline_clients",
+        )  # fmt: skip
+        for key in positive:
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)!r}")
 
@@ -87,6 +100,12 @@ def _dpo(sc: SpeedConfig) -> dict[str, Any]:
     return compare_dpo(repeats=sc.repeats)
 
 
+def _downstream(sc: SpeedConfig) -> dict[str, Any]:
+    from popri_flwr.speed.downstream import compare_downstream
+
+    return compare_downstream(repeats=sc.repeats, num_texts=sc.downstream_texts)
+
+
 def _client_phase_demo(sc: SpeedConfig) -> dict[str, Any]:
     from popri_flwr.speed.client_phase import in_fresh_process
 
@@ -109,6 +128,7 @@ MEASURES: dict[str, Callable[[SpeedConfig], dict[str, Any]]] = {
     "generation_demo": lambda sc: _generation("demo", sc),
     "generation_3shot": lambda sc: _generation("3shot", sc),
     "dpo_round": _dpo,
+    "downstream_epoch": _downstream,
     "client_phase_demo": _client_phase_demo,
     "client_phase_72k": _client_phase_large,
 }
