@@ -37,14 +37,15 @@ def test_gap_closed_formula():
 
 def test_finish_rows_uses_the_reference_rows():
     rows = [
-        {"method": "eps0", "accuracy": 0.1},
-        {"method": "epsinf", "accuracy": 0.3},
-        {"method": "popri", "epsilon": 1.0, "accuracy": 0.25},
+        {"method": "eps0", "accuracy": 0.1, "top5_accuracy": 0.2},
+        {"method": "epsinf", "accuracy": 0.3, "top5_accuracy": 0.6},
+        {"method": "popri", "epsilon": 1.0, "accuracy": 0.25, "top5_accuracy": 0.3},
         {"method": "pe", "epsilon": 1.0, "status": "failed: boom"},
     ]
     finish_rows(rows)
     assert [r["gap_closed"] for r in rows[:3]] == pytest.approx([0.0, 1.0, 0.75])
-    assert math.isnan(rows[3]["gap_closed"])
+    assert [r["gap_closed_top5"] for r in rows[:3]] == pytest.approx([0.0, 1.0, 0.25])
+    assert math.isnan(rows[3]["gap_closed"]) and math.isnan(rows[3]["gap_closed_top5"])
 
 
 def test_grid_and_row_keys():

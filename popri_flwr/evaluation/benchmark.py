@@ -68,6 +68,7 @@ COLUMNS = (
     "accuracy",
     "top5_accuracy",
     "gap_closed",
+    "gap_closed_top5",
     "fid",
     "precision",
     "recall",
@@ -545,8 +546,8 @@ def run_benchmark(bc: BenchmarkConfig) -> list[dict[str, Any]]:
 
 #: Columns averaged over seeds (each also gets ``<column>_std``).
 MEAN_COLUMNS = (
-    "accuracy", "top5_accuracy", "gap_closed", "fid", "precision", "recall", "epsilon_spent",
-    "wall_seconds", "bytes_down_per_client_round", "bytes_up_per_client_round",
+    "accuracy", "top5_accuracy", "gap_closed", "gap_closed_top5", "fid", "precision", "recall",
+    "epsilon_spent", "wall_seconds", "bytes_down_per_client_round", "bytes_up_per_client_round",
     "client_seconds_per_round",
 )  # fmt: skip
 
@@ -590,14 +591,16 @@ def _number(value: Any) -> float | None:
 
 
 def finish_rows(rows: list[dict[str, Any]]) -> None:
-    """Fill ``gap_closed`` from the reference rows (NaN without both)."""
-    acc = {r["method"]: r.get("accuracy") for r in rows if r["method"] in REFERENCES}
-    a0, ainf = acc.get("eps0"), acc.get("epsinf")
-    for r in rows:
-        if r.get("accuracy") is None or a0 is None or ainf is None:
-            r["gap_closed"] = float("nan")
-        else:
-            r["gap_closed"] = gap_closed(float(r["accuracy"]), float(a0), float(ainf))
+    """Fill ``gap_closed`` (top-1) and ``gap_closed_top5`` from the reference rows (NaN
+    without both)."""
+    for column, out in (("accuracy", "gap_closed"), ("top5_accuracy", "gap_closed_top5")):
+        ref = {r["method"]: r.get(column) for r in rows if r["method"] in REFERENCES}
+        a0, ainf = ref.get("eps0"), ref.get("epsinf")
+        for r in rows:
+            if r.get(column) is None or a0 is None or ainf is None:
+                r[out] = float("nan")
+            else:
+                r[out] = gap_closed(float(r[column]), float(a0), float(ainf))
 
 
 def _fmt(value: Any, key: str) -> str:
