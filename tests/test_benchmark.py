@@ -225,6 +225,8 @@ def test_grid_with_round0_and_per_method_epsilons():
         (["method_epsilons={eps0: [1]}"], "method_epsilons"),
         (["method_epsilons={popri: []}"], "method_epsilons.popri"),
         (["seeds=0"], "seeds"),
+        (["synthetic_temperature=-0.5"], "synthetic_temperature"),
+        (["synthetic_top_p=0"], "synthetic_top_p"),
         (["methods=[eps0,popri_round0]"], "methods"),
     ],
 )
@@ -277,3 +279,10 @@ def test_round0_texts_come_from_the_base_model_through_the_popri_run(tmp_path):
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert not (run.path / "adapter").exists()  # no adapter anywhere: the base model wrote them
     assert round0_texts(bc, 0, 3) == texts  # resumable file, same texts
+    # A cooler final sampler (greedy here) writes its own file, and changes the row's hash;
+    # leaving it unset keeps the hash of rows cached before the key existed.
+    cool = BenchmarkConfig(**{**vars(bc), "synthetic_temperature": 0.0})
+    assert cool.settings_hash() != bc.settings_hash()
+    greedy = round0_texts(cool, 0, 3)
+    assert (run.path / "synthetic_round0_T0.jsonl").exists()
+    assert greedy != texts

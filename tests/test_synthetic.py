@@ -147,6 +147,30 @@ def test_base_model_and_samples_per_prompt(fresh4, run_dir, tmp_path):
         generate_synthetic(None, 2, config=cfg, public_texts=PUBLIC)
 
 
+def test_final_set_may_be_sampled_otherwise_than_the_loop(run_dir, tmp_path):
+    # Two texts of one prompt: the run's sampling (T = 1) draws two different continuations;
+    # the greedy override (T = 0) must give the same one twice, and says so in its meta file.
+    loop = read_rows(
+        generate_synthetic(run_dir, 2, tmp_path / "t1.jsonl", samples_per_prompt=2, progress=False)
+    )
+    assert loop[0]["text"] != loop[1]["text"]
+    out = tmp_path / "t0.jsonl"
+    greedy = read_rows(
+        generate_synthetic(
+            run_dir, 2, out, samples_per_prompt=2, temperature=0.0, top_p=0.5, progress=False
+        )
+    )
+    assert greedy[0]["text"] == greedy[1]["text"]
+    meta = json.loads((tmp_path / "t0.jsonl.meta.json").read_text())
+    assert meta["sampling"]["temperature"] == 0.0 and meta["sampling"]["top_p"] == 0.5
+    with pytest.raises(ValueError, match=r"other settings \(sampling: "):
+        generate_synthetic(run_dir, 3, out, samples_per_prompt=2)  # the run's T: refused
+    with pytest.raises(ValueError, match="^temperature: must be >= 0"):
+        generate_synthetic(run_dir, 2, tmp_path / "x.jsonl", temperature=-1.0)
+    with pytest.raises(ValueError, match=r"^top_p: must be in \(0, 1\]"):
+        generate_synthetic(run_dir, 2, tmp_path / "x.jsonl", top_p=0.0)
+
+
 def test_gumbel_sampler_draws_from_the_top_p_distribution():
     # argmax(logits / T + Gumbel) after top-p must be a draw from softmax(logits / T) cut to
     # the top-p set (what transformers' multinomial sampling draws from).
@@ -241,6 +265,10 @@ def test_cli(fresh_path, fresh4, run_dir, tmp_path, capsys):
     # The settings reach the library too: another seed is refused for this file.
     assert cli_main([str(run_dir), "-n", "4", "-o", str(out), "--seed", "9", "--quiet"]) == 2
     assert "other settings (seed: 3, now 9)" in capsys.readouterr().err
+    assert (
+        cli_main([str(run_dir), "-n", "4", "-o", str(out), "--temperature", "0.5", "--quiet"]) == 2
+    )
+    assert "other settings (sampling: " in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli_main([str(run_dir), "-n", "0", "-o", str(out)])
     assert exc.value.code == 2

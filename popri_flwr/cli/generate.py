@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--samples-per-prompt", type=_positive_int, default=1, help="texts per few-shot prompt"
     )
+    parser.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: the run's)"
+    )
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the run's)")
     parser.add_argument("--device", help="cpu, cuda or auto (default: the run's)")
     parser.add_argument("--cache-dir", help="cache of dequantized packaged models")
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads")
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             public_texts=public,
             num_threads=args.threads,
             progress=not args.quiet,
+            temperature=args.temperature,
+            top_p=args.top_p,
         )
     except (ConfigError, ValueError) as err:
         print(f"popri-generate: error: {err}", file=sys.stderr)

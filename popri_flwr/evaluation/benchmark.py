@@ -115,6 +115,10 @@ class BenchmarkConfig:
     method_epsilons
         Per-method budgets replacing ``epsilons`` (e.g. ``{popri: [1.0, 7.0, .inf]}``: POPri
         also without noise, the mechanism's ceiling, without running PE at infinity).
+    synthetic_temperature, synthetic_top_p
+        Sampling of POPri's final synthetic set and of ``popri_round0`` (null: the run's
+        ``generation.temperature`` / ``top_p``, the loop's). Post-processing of the release:
+        the loop keeps sampling as configured.
     """
 
     name: str = "small"
@@ -128,6 +132,8 @@ class BenchmarkConfig:
     resume: bool = True
     seeds: int = 1
     method_epsilons: dict[str, list[float]] = field(default_factory=dict)
+    synthetic_temperature: float | None = None
+    synthetic_top_p: float | None = None
 
     def __post_init__(self) -> None:
         from popri_flwr.strategies import STRATEGIES
@@ -163,6 +169,11 @@ class BenchmarkConfig:
         for m in self.method_overrides:
             if m not in known:
                 raise ConfigError(f"method_overrides: unknown method {m!r}")
+        t, p = self.synthetic_temperature, self.synthetic_top_p
+        if t is not None and not float(t) >= 0:
+            raise ConfigError(f"synthetic_temperature: must be >= 0 or null, got {t!r}")
+        if p is not None and not 0 < float(p) <= 1:
+            raise ConfigError(f"synthetic_top_p: must be in (0, 1] or null, got {p!r}")
 
     @property
     def out(self) -> Path:
@@ -172,8 +183,14 @@ class BenchmarkConfig:
         """Hash of what a row's numbers depend on (a cached row is reused only if equal)."""
         keys = ("run_overrides", "method_overrides", "synthetic_size", "max_eval_texts")
         settings = {k: getattr(self, k) for k in keys} | {"scoring": SCORING_VERSION}
+        # Added only when set, so rows cached before these keys existed stay valid.
+        settings |= {k: v for k, v in self.synthetic_sampling().items() if v is not None}
         blob = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def synthetic_sampling(self) -> dict[str, float | None]:
+        """Keyword arguments of :func:`generate_synthetic` for the final sets."""
+        return {"temperature": self.synthetic_temperature, "top_p": self.synthetic_top_p}
 
     def epsilons_of(self, method: str) -> list[float]:
         """The budgets ``method`` runs at (``method_epsilons``, else ``epsilons``)."""
@@ -313,16 +330,24 @@ def reference_texts(method: str, cfg: RunConfig, evaluator: Evaluator, n: int) -
     return build_public_set(generator, p.description, n, params, path=p.path)
 
 
-def synthetic_texts(method: str, run_dir: Path, n: int) -> list[str]:
+def synthetic_texts(
+    method: str,
+    run_dir: Path,
+    n: int,
+    temperature: float | None = None,
+    top_p: float | None = None,
+) -> list[str]:
     """The synthetic set of a finished private run, ``n`` texts.
 
-    POPri: ``n`` fresh samples from the final policy (base + LoRA adapter), same prompts and
-    sampling as the run. PE: the final population, expanded by variations to ``n``.
+    POPri: ``n`` fresh samples from the final policy (base + LoRA adapter), same prompts as the
+    run, sampled as the run did unless ``temperature`` / ``top_p`` say otherwise. PE: the final
+    population, expanded by variations to ``n``.
     """
     if method == "popri":
         from popri_flwr.evaluation.synthetic import generate_synthetic, load_texts_jsonl
 
-        path = generate_synthetic(run_dir, n, _synthetic_path(run_dir))
+        out = _synthetic_path(run_dir, _sampling_tag(temperature, top_p))
+        path = generate_synthetic(run_dir, n, out, temperature=temperature, top_p=top_p)
         return load_texts_jsonl(path)
     if method == "pe":
         return pe_synthetic(run_dir, n)
@@ -354,11 +379,18 @@ def pe_synthetic(run_dir: Path, n: int) -> list[str]:
     return texts
 
 
-def _synthetic_path(run_dir: Path) -> Path:
+def _sampling_tag(temperature: float | None, top_p: float | None) -> str:
+    """File-name suffix of a final set sampled otherwise than the run (``""``: as the run)."""
+    tag = "" if temperature is None else f"_T{float(temperature):g}"
+    return tag + ("" if top_p is None else f"_p{float(top_p):g}")
+
+
+def _synthetic_path(run_dir: Path, tag: str = "") -> Path:
     # Named by the rounds it comes from: a run extended later gets a new synthetic set.
     from popri_flwr.run_dir import RunDirectory
 
-    return run_dir / f"synthetic_round{RunDirectory(run_dir).finished_rounds():03d}.jsonl"
+    rounds = RunDirectory(run_dir).finished_rounds()
+    return run_dir / f"synthetic_round{rounds:03d}{tag}.jsonl"
 
 
 def run_costs(run_dir: Path) -> dict[str, float]:
@@ -429,8 +461,9 @@ def round0_texts(bc: BenchmarkConfig, seed: int, n: int) -> list[str]:
     run_dir = (bc.out / "runs" / row_key("popri", bc.epsilons_of("popri")[0], seed)).resolve()
     if not (run_dir / "public_set.jsonl").exists():
         raise RuntimeError(f"{run_dir}: no popri run to take the public set from (failed?)")
-    out = run_dir / "synthetic_round0.jsonl"
-    return load_texts_jsonl(generate_synthetic(run_dir, n, out, adapter=False))
+    sampling = bc.synthetic_sampling()
+    out = run_dir / f"synthetic_round0{_sampling_tag(**sampling)}.jsonl"
+    return load_texts_jsonl(generate_synthetic(run_dir, n, out, adapter=False, **sampling))
 
 
 def evaluate_row(
@@ -468,7 +501,8 @@ def evaluate_row(
 
         row.update(evaluate_run_dir(run_dir, evaluator.eval_texts, cfg.downstream))
     else:
-        row.update(evaluator.texts(synthetic_texts(method, run_dir, bc.synthetic_size)))
+        texts = synthetic_texts(method, run_dir, bc.synthetic_size, **bc.synthetic_sampling())
+        row.update(evaluator.texts(texts))
     return row
 
 
