@@ -9,7 +9,7 @@ Examples
     popri-benchmark --preset speed                    # old vs new paths (about 15 minutes)
     popri-benchmark --preset speed "rows=[client_phase_72k]"
 
-Presets live in ``configs/benchmark/`` (tiny, small, paper, speed); ``key=value`` arguments
+Presets live in ``popri_flwr/presets/`` (tiny, small, paper, speed); ``key=value`` arguments
 override their keys (OmegaConf dotlist syntax). Started again with the same ``out_dir``,
 finished rows are reused and unfinished runs resume (``speed`` measures every row again).
 """
@@ -19,12 +19,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from popri_flwr.config import ConfigError
 
+#: Benchmark presets. Not in Hydra's search path: they configure a grid of runs, not a run, so
+#: ``popri-run --help`` must not offer them as a config group.
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
 
 def load_benchmark_config(preset: str, overrides: list[str]):
-    """The preset ``configs/benchmark/PRESET.yaml`` with ``key=value`` overrides applied.
+    """The preset ``popri_flwr/presets/PRESET.yaml`` with ``key=value`` overrides applied.
 
     ``speed`` gives a :class:`~popri_flwr.speed.report.SpeedConfig`, every other preset a
     :class:`~popri_flwr.evaluation.benchmark.BenchmarkConfig`.
@@ -34,10 +39,9 @@ def load_benchmark_config(preset: str, overrides: list[str]):
 
     from popri_flwr.config import from_mapping
     from popri_flwr.evaluation.benchmark import BenchmarkConfig
-    from popri_flwr.hydra_config import config_dir
     from popri_flwr.speed.report import SpeedConfig
 
-    folder = config_dir() / "benchmark"
+    folder = PRESETS_DIR
     path = folder / f"{preset}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in folder.glob("*.yaml"))
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preset",
         default="small",
-        help="configs/benchmark/PRESET.yaml: tiny, small, paper, or speed (old vs new paths)",
+        help="popri_flwr/presets/PRESET.yaml: tiny, small, paper, or speed (old vs new paths)",
     )
     parser.add_argument(
         "overrides",

@@ -89,7 +89,7 @@ class BenchmarkConfig:
     Parameters
     ----------
     name
-        Preset name (``configs/benchmark/NAME.yaml``); also the default output folder.
+        Preset name (``popri_flwr/presets/NAME.yaml``); also the default output folder.
     out_dir
         Where rows, runs, ``results.csv``, ``results.md`` and plots go (default
         ``benchmarks/NAME``).

@@ -30,7 +30,7 @@ ROWS = (
 
 @dataclass
 class SpeedConfig:
-    """What ``--preset speed`` measures (``configs/benchmark/speed.yaml``).
+    """What ``--preset speed`` measures (``popri_flwr/presets/speed.yaml``).
 
     Parameters
     ----------
