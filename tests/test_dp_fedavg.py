@@ -151,6 +151,20 @@ def test_clip_to_norm_bound_and_agreement_with_flower():
         clip_to_norm(small, 0.0)
 
 
+def test_local_training_under_bf16_autocast_stays_close_to_float32(cfg, tokenizer, federation):
+    # The same seeded local steps in float32 and under bf16 autocast: the update stays a float32
+    # vector, is not bit-identical (autocast is really on), and points the same way.
+    texts = federation.train_texts(federation.client_ids[0])
+    kw = dict(steps=2, lr=0.5, batch_size=4, seq_len=24, seed=0)
+    fp32 = local_train(_model(cfg, tokenizer), texts, tokenizer, **kw)
+    bf16 = local_train(_model(cfg, tokenizer), texts, tokenizer, bf16=True, **kw)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert not np.array_equal(bf16, fp32)
+    cosine = float(bf16 @ fp32 / (np.linalg.norm(bf16) * np.linalg.norm(fp32)))
+    assert cosine > 0.99, cosine
+    assert np.linalg.norm(bf16) == pytest.approx(np.linalg.norm(fp32), rel=0.02)
+
+
 def test_handler_output_never_exceeds_c(cfg, tokenizer, federation):
     """A huge local step: the raw update is far outside the ball, the reply is on it."""
     model = _model(cfg, tokenizer)

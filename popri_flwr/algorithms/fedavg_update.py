@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from popri_flwr.evaluation.downstream import DownstreamConfig, _lm_loss, build_model, encode_for_lm
+from popri_flwr.evaluation.downstream import (
+    DownstreamConfig,
+    _autocast,
+    _lm_loss,
+    build_model,
+    encode_for_lm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +254,7 @@ def local_train(
     seed: int,
     epochs: float | None = None,
     optimizer: str = "sgd",
+    bf16: bool = False,
 ) -> np.ndarray:
     """Train the model's trainable parameters on ``texts``; return ``new - old`` (float32).
 
@@ -269,6 +276,9 @@ def local_train(
         Local optimization settings (``optimizer``: ``"sgd"`` or ``"adamw"``).
     seed
         Seeds the batch order (and dropout, if any).
+    bf16
+        Forward passes under bf16 autocast (parameters, gradients, optimizer and the loss stay
+        float32, so the update is a float32 vector either way).
 
     Returns
     -------
@@ -301,7 +311,8 @@ def local_train(
             idx = order[pos : pos + batch_size]
             pos += batch_size
             b_ids, b_mask = ids[idx].to(device), mask[idx].to(device)
-            logits = model(input_ids=b_ids, attention_mask=b_mask).logits
+            with _autocast(device, bf16):
+                logits = model(input_ids=b_ids, attention_mask=b_mask).logits
             loss = _lm_loss(logits, b_ids, b_mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -31,7 +31,7 @@ from popri_flwr.algorithms.fedavg_update import (
     local_train,
 )
 from popri_flwr.client_apps import resources
-from popri_flwr.evaluation.downstream import DownstreamConfig, load_tokenizer
+from popri_flwr.evaluation.downstream import DownstreamConfig, bf16_for, load_tokenizer
 from popri_flwr.privacy.clipping import clip_to_norm
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 
@@ -108,6 +108,7 @@ def train_update(msg: Message, node: resources.NodeData) -> np.ndarray:
         seq_len=int(config["seq-len"]),
         seed=client_seed(int(config["seed"]), int(config["server-round"]), node.key),
         optimizer=fedavg.local_optimizer,
+        bf16=bf16_for(downstream, "cpu"),
     )
     if update.size != int(config["vector-length"]):
         raise ValueError(

@@ -277,6 +277,11 @@ def evaluate_lm(
     }
 
 
+def bf16_for(config: DownstreamConfig, device: str) -> bool:
+    """``config.bf16`` on ``device``: as set, or (``None``) where bf16 is native there."""
+    return native_bf16(device) if config.bf16 is None else bool(config.bf16)
+
+
 def _autocast(device: torch.device | str, bf16: bool):
     """bf16 autocast on ``device`` when ``bf16``, else a no-op context."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
@@ -394,7 +399,7 @@ def train_downstream(
     if not eval_texts:
         raise ValueError("downstream: the evaluation split has no tokens (no non-blank texts)")
     device = resolve_device(config.device)
-    bf16 = native_bf16(device) if config.bf16 is None else config.bf16
+    bf16 = bf16_for(config, device)
     tokenizer = load_tokenizer(config)
     train_ids, train_mask = encode_for_lm(train_texts, tokenizer, config.seq_len)
     train_mask, n_rows = _apply_token_budget(train_mask, config.max_train_tokens)

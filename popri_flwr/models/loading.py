@@ -186,7 +186,7 @@ def cpu_supports_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 def native_bf16(device: str) -> bool:
     """Whether bf16 autocast pays off on ``device``: CUDA, or a CPU with native bf16.
 
-    The default of every ``bf16: null`` switch (DPO, the downstream LM).
+    The default of every ``bf16: null`` switch (DPO, the downstream LM, DP-FedAvg's clients).
     """
     if device.startswith("cuda"):
         return True

@@ -56,6 +56,7 @@ from popri_flwr.algorithms.fedavg_update import (
 )
 from popri_flwr.evaluation.downstream import (
     DownstreamConfig,
+    bf16_for,
     encode_for_lm,
     evaluate_lm,
     load_tokenizer,
@@ -233,7 +234,8 @@ class DPFedAvgStrategy(PrivateStrategy):
         """Evaluation only: next-token accuracy of the global model on held-out private text."""
         if self._eval is None:
             return {}
-        m = evaluate_lm(self.model, *self._eval, self.downstream.batch_size)
+        bf16 = bf16_for(self.downstream, str(next(self.model.parameters()).device))
+        m = evaluate_lm(self.model, *self._eval, self.downstream.batch_size, bf16)
         return {
             "accuracy": m["top1"],
             "top5_accuracy": m["top5"],
@@ -392,9 +394,10 @@ def evaluate_run_dir(
     model = build_fedavg_model(cfg.downstream, tokenizer, fedavg)
     rnd, path = latest_checkpoint(run_dir)
     load_npz_into(model, path)
-    model.to(resolve_device(ev.device))
+    device = resolve_device(ev.device)
+    model.to(device)
     ids, mask = encode_for_lm(texts, tokenizer, ev.seq_len)
-    m = evaluate_lm(model, ids, mask, ev.batch_size)
+    m = evaluate_lm(model, ids, mask, ev.batch_size, bf16_for(ev, device))
     return {
         "accuracy": m["top1"],
         "top5_accuracy": m["top5"],
