@@ -217,6 +217,10 @@ def test_grid_with_round0_and_per_method_epsilons():
         ("popri_round0", None),
     ]
     assert row_key("popri", 1.0, 2) == "popri_eps1_seed2" and row_key("eps0", None, 0) == "eps0"
+    # Baselines once, the rows that need error bars on every seed.
+    fewer = BenchmarkConfig(**{**vars(bc), "method_seeds": {"pe": 1}})
+    assert ("pe", 1.0) in fewer.grid(0) and ("pe", 1.0) not in fewer.grid(1)
+    assert [r for r in fewer.grid(1) if r[0] != "pe"] == [r for r in bc.grid() if r[0] != "pe"]
 
 
 @pytest.mark.parametrize(
@@ -228,6 +232,12 @@ def test_grid_with_round0_and_per_method_epsilons():
         (["synthetic_temperature=-0.5"], "synthetic_temperature"),
         (["synthetic_top_p=0"], "synthetic_top_p"),
         (["methods=[eps0,popri_round0]"], "methods"),
+        (["seeds=2", "method_seeds={pe: 3}"], "method_seeds.pe"),
+        (["method_seeds={nope: 1}"], "method_seeds"),
+        (
+            ["methods=[popri,popri_round0]", "seeds=2", "method_seeds={popri: 1}"],
+            "method_seeds.popri_round0",
+        ),
     ],
 )
 def test_bad_seed_and_epsilon_settings_name_the_key(overrides, key):

@@ -115,6 +115,10 @@ class BenchmarkConfig:
     method_epsilons
         Per-method budgets replacing ``epsilons`` (e.g. ``{popri: [1.0, 7.0, .inf]}``: POPri
         also without noise, the mechanism's ceiling, without running PE at infinity).
+    method_seeds
+        Per-method seed counts replacing ``seeds`` (at most ``seeds``; e.g. ``{pe: 1,
+        dp_fedavg: 1}`` runs the baselines once while the rows that need error bars get all
+        seeds).
     synthetic_temperature, synthetic_top_p
         Sampling of POPri's final synthetic set and of ``popri_round0`` (null: the run's
         ``generation.temperature`` / ``top_p``, the loop's). Post-processing of the release:
@@ -134,6 +138,7 @@ class BenchmarkConfig:
     method_epsilons: dict[str, list[float]] = field(default_factory=dict)
     synthetic_temperature: float | None = None
     synthetic_top_p: float | None = None
+    method_seeds: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from popri_flwr.strategies import STRATEGIES
@@ -169,6 +174,17 @@ class BenchmarkConfig:
         for m in self.method_overrides:
             if m not in known:
                 raise ConfigError(f"method_overrides: unknown method {m!r}")
+        for m, n in self.method_seeds.items():
+            if m not in known:
+                raise ConfigError(f"method_seeds: unknown method {m!r}")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= int(self.seeds):
+                raise ConfigError(
+                    f"method_seeds.{m}: an integer from 1 to seeds ({self.seeds}), got {n!r}"
+                )
+        if ROUND0 in self.methods and self.seeds_of(ROUND0) > self.seeds_of("popri"):
+            raise ConfigError(
+                f"method_seeds.{ROUND0}: at most popri's seeds (it reuses that seed's popri run)"
+            )
         t, p = self.synthetic_temperature, self.synthetic_top_p
         if t is not None and not float(t) >= 0:
             raise ConfigError(f"synthetic_temperature: must be >= 0 or null, got {t!r}")
@@ -192,21 +208,27 @@ class BenchmarkConfig:
         """Keyword arguments of :func:`generate_synthetic` for the final sets."""
         return {"temperature": self.synthetic_temperature, "top_p": self.synthetic_top_p}
 
+    def seeds_of(self, method: str) -> int:
+        """How many seeds ``method`` runs (``method_seeds``, else ``seeds``)."""
+        return int(self.method_seeds.get(method, self.seeds))
+
     def epsilons_of(self, method: str) -> list[float]:
         """The budgets ``method`` runs at (``method_epsilons``, else ``epsilons``)."""
         return [float(e) for e in self.method_epsilons.get(method, self.epsilons)]
 
     def grid(self, seed: int | None = None) -> list[tuple[str, float | None]]:
         """(method, epsilon) of every row of one seed: references first (they anchor
-        ``gap_closed``), then private rows, then ``popri_round0`` (after the popri run)."""
-        rows: list[tuple[str, float | None]] = [(m, None) for m in REFERENCES if m in self.methods]
+        ``gap_closed``), then private rows, then ``popri_round0`` (after the popri run).
+        With ``seed``, methods whose :meth:`seeds_of` is ``<= seed`` are left out."""
+        methods = [m for m in self.methods if seed is None or seed < self.seeds_of(m)]
+        rows: list[tuple[str, float | None]] = [(m, None) for m in REFERENCES if m in methods]
         rows += [
             (m, e)
-            for m in self.methods
+            for m in methods
             if m not in REFERENCES and m != ROUND0
             for e in self.epsilons_of(m)
         ]
-        if ROUND0 in self.methods:
+        if ROUND0 in methods:
             rows.append((ROUND0, None))
         return rows
 
@@ -567,7 +589,7 @@ def run_benchmark(bc: BenchmarkConfig) -> list[dict[str, Any]]:
     by_seed: list[dict[str, Any]] = []
     for seed in range(bc.seeds):
         seed_rows: list[dict[str, Any]] = []
-        for method, epsilon in bc.grid():
+        for method, epsilon in bc.grid(seed):
             seed_rows.append(run_row(bc, method, epsilon, evaluator, seed))
             finish_rows(seed_rows)
             write_results(aggregate_seeds([*by_seed, *seed_rows]), bc.out)
