@@ -296,3 +296,13 @@ def test_round0_texts_come_from_the_base_model_through_the_popri_run(tmp_path):
     greedy = round0_texts(cool, 0, 3)
     assert (run.path / "synthetic_round0_T0.jsonl").exists()
     assert greedy != texts
+
+
+def test_small_preset_runs_baselines_once_and_the_error_bar_rows_three_times():
+    bc = load_benchmark_config("small", [])
+    per_seed = [bc.grid(seed) for seed in range(bc.seeds)]
+    core = [("eps0", None), ("epsinf", None), ("popri", 1.0), ("popri_round0", None)]
+    assert bc.seeds == 3 and all(set(core) <= set(rows) for rows in per_seed)
+    baselines = {(m, e) for m in ("pe", "dp_fedavg") for e in (1.0, 7.0)}
+    assert baselines <= set(per_seed[0])
+    assert not baselines & (set(per_seed[1]) | set(per_seed[2]))
