@@ -234,6 +234,7 @@ def test_grid_with_round0_and_per_method_epsilons():
         (["methods=[eps0,popri_round0]"], "methods"),
         (["seeds=2", "method_seeds={pe: 3}"], "method_seeds.pe"),
         (["method_seeds={nope: 1}"], "method_seeds"),
+        (["seeds=2", "method_seeds={eps0: 1}"], "method_seeds.eps0"),
         (
             ["methods=[popri,popri_round0]", "seeds=2", "method_seeds={popri: 1}"],
             "method_seeds.popri_round0",

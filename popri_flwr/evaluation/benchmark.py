@@ -177,6 +177,11 @@ class BenchmarkConfig:
         for m, n in self.method_seeds.items():
             if m not in known:
                 raise ConfigError(f"method_seeds: unknown method {m!r}")
+            if m in REFERENCES:
+                raise ConfigError(
+                    f"method_seeds.{m}: the references anchor gap_closed on every seed; "
+                    "they always run all seeds"
+                )
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= int(self.seeds):
                 raise ConfigError(
                     f"method_seeds.{m}: an integer from 1 to seeds ({self.seeds}), got {n!r}"
