@@ -17,8 +17,6 @@ import argparse
 import json
 import logging
 
-import torch
-
 from popri_flwr.cli.benchmark import load_benchmark_config
 from popri_flwr.evaluation.benchmark import Evaluator
 from popri_flwr.evaluation.downstream import (
@@ -44,8 +42,7 @@ def main() -> None:
     tokenizer = load_tokenizer(d)
     model = build_model(d, tokenizer)
     ids, mask = encode_for_lm(evaluator.eval_texts, tokenizer, d.seq_len)
-    with torch.no_grad():
-        metrics = evaluate_lm(model, ids, mask, d.batch_size, bf16_for(d, "cpu"))
+    metrics = evaluate_lm(model, ids, mask, d.batch_size, bf16_for(d, "cpu"))  # no_grad inside
     print(json.dumps({"model": d.model, "eval_texts": len(evaluator.eval_texts), **metrics}))
 
 
