@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ from popri_flwr.algorithms.fedavg_update import (
     flatten_params,
     frozen_fingerprint,
     local_train,
+    noise_to_signal,
     param_arrays,
     server_step,
     unflatten_params,
@@ -263,7 +265,18 @@ def test_same_accountant_for_every_method():
 
 
 # --------------------------------------------------------------------------- the strategy
-def test_noise_has_the_calibrated_spread(tmp_path, cfg, tokenizer):
+def test_noise_to_signal_is_the_measured_noise_norm_over_c():
+    """sigma sqrt(d) / (q N) is the norm of one round's noisy average over C, measured."""
+    sigma, c, q_n, d = 1.4, 0.7, 23.7, 40_000
+    rng = np.random.default_rng(0)  # public test randomness, not a mechanism's
+    average = rng.normal(0.0, sigma * c, size=d) / q_n
+    assert noise_to_signal(sigma, d, q_n) == pytest.approx(np.linalg.norm(average) / c, rel=0.02)
+    assert noise_to_signal(0.0, d, q_n) == 0.0
+    with pytest.raises(ValueError, match="num_expected"):
+        noise_to_signal(sigma, d, 0.0)
+
+
+def test_noise_has_the_calibrated_spread(tmp_path, cfg, tokenizer, caplog):
     """Nobody answers: the release is pure N(0, (sigma C)^2) and the step its (q N)-th part."""
     sigma, c, q, n = 2.0, 0.5, 0.25, 8
     acc = PrivacyAccountant(noise_multiplier=sigma, sample_rate=q, delta=1e-5, target_epsilon=1e9)
@@ -280,7 +293,11 @@ def test_noise_has_the_calibrated_spread(tmp_path, cfg, tokenizer):
         node_wait_timeout=5,
     )
     w0 = strategy.global_vector.copy()
-    strategy.start(grid=FakeGrid({i: (lambda m: None) for i in range(1, n + 1)}), num_rounds=1)
+    with caplog.at_level(logging.WARNING, logger="popri_flwr.strategies.dp_fedavg"):
+        strategy.start(grid=FakeGrid({i: (lambda m: None) for i in range(1, n + 1)}), num_rounds=1)
+    # sigma sqrt(d) / (q N) = 2 sqrt(d) / 2: hundreds of times the signal, and it says so.
+    (warning,) = [r for r in caplog.records if "noise has" in r.getMessage()]
+    assert f"~{np.sqrt(w0.size):.0f}x" in warning.getMessage()
     release = RunDirectory(tmp_path).load_array("release_round_001")
     assert release.size == w0.size > 100_000
     assert release.std() == pytest.approx(sigma * c, rel=0.01)
@@ -289,6 +306,7 @@ def test_noise_has_the_calibrated_spread(tmp_path, cfg, tokenizer):
     (rec,) = RunDirectory(tmp_path).read_rounds()
     assert rec["epsilon_spent"] == pytest.approx(compute_epsilon(sigma, q, 1, 1e-5))
     assert rec["noise_std_per_param"] == pytest.approx(0.5 * sigma * c / (q * n))
+    assert rec["noise_to_signal"] == pytest.approx(sigma * np.sqrt(w0.size) / (q * n))
 
 
 def _real_clients(cfg, n):

@@ -334,6 +334,39 @@ def expected_clients(sample_rate: float, num_clients: int) -> float:
     return float(sample_rate) * int(num_clients)
 
 
+#: :func:`noise_to_signal` above which DP-FedAvg warns that its rounds are mostly noise.
+NOISE_TO_SIGNAL_WARN = 10.0
+
+
+def noise_to_signal(noise_multiplier: float, num_params: int, num_expected: float) -> float:
+    """Expected noise norm of one round's average over the largest possible signal norm.
+
+    The average ``release / (q N)`` carries noise ``N(0, (sigma C / (q N))^2 I)`` over ``d``
+    parameters, of expected norm ~ ``sigma C sqrt(d) / (q N)``, while its signal, a mean of
+    clipped updates, has norm at most ``C``. So the ratio is ``sigma sqrt(d) / (q N)``,
+    independent of C and of the server learning rate (which scales both). Far above 1, each
+    round moves the model mostly at random: a larger federation (q N), fewer trainable
+    parameters (LoRA, a smaller rank) or a higher epsilon are what lower it.
+
+    Parameters
+    ----------
+    noise_multiplier
+        sigma.
+    num_params
+        ``d``, the number of trainable parameters released each round.
+    num_expected
+        ``q * N`` (see :func:`expected_clients`).
+
+    Returns
+    -------
+    float
+        ``sigma * sqrt(d) / (q N)`` (0 without noise).
+    """
+    if not num_expected > 0:
+        raise ValueError(f"num_expected: must be > 0, got {num_expected}")
+    return float(noise_multiplier) * math.sqrt(int(num_params)) / float(num_expected)
+
+
 def server_step(
     global_vector: np.ndarray, release: np.ndarray, server_lr: float, num_expected: float
 ) -> np.ndarray:

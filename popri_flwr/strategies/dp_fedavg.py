@@ -44,12 +44,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from popri_flwr.algorithms.fedavg_update import (
+    NOISE_TO_SIGNAL_WARN,
     FedAvgConfig,
     build_fedavg_model,
     expected_clients,
     flatten_params,
     frozen_fingerprint,
     load_param_arrays,
+    noise_to_signal,
     param_arrays,
     server_step,
     unflatten_params,
@@ -160,6 +162,7 @@ class DPFedAvgStrategy(PrivateStrategy):
                 self.fedavg.train_mode,
                 self.expected_clients,
             )
+            self.warn_if_noise_dominates()
             return
         path = checkpoint_path(self.run_dir, finished_round)
         if not path.exists():
@@ -169,6 +172,29 @@ class DPFedAvgStrategy(PrivateStrategy):
         load_npz_into(self.model, path)
         self.global_vector = flatten_params(self.model)
         logger.info("Restored the global model of round %d from %s", finished_round, path)
+
+    def warn_if_noise_dominates(self) -> float:
+        """Log a warning when each round's noise norm is far above the largest signal norm.
+
+        Returns :func:`~popri_flwr.algorithms.fedavg_update.noise_to_signal` for this run,
+        ``sigma sqrt(d) / (q N)``. Public quantities only: nothing here looks at client data.
+        """
+        ratio = noise_to_signal(
+            self.accountant.noise_multiplier, self.global_vector.size, self.expected_clients
+        )
+        if ratio > NOISE_TO_SIGNAL_WARN:
+            logger.warning(
+                "DP-FedAvg: each round's noise has ~%.0fx the norm of the largest possible "
+                "signal (sigma %.3g x sqrt(%d parameters) / %.1f expected clients); the model "
+                "will mostly move at random. Lower it with more clients (privacy.sample_rate, "
+                "a larger federation), fewer trainable parameters (strategy.fedavg.train_mode="
+                "lora, a smaller lora_r) or a higher privacy.epsilon.",
+                ratio,
+                self.accountant.noise_multiplier,
+                self.global_vector.size,
+                self.expected_clients,
+            )
+        return ratio
 
     def _set_global(self, vector: np.ndarray) -> None:
         unflatten_params(self.model, vector)
@@ -220,6 +246,9 @@ class DPFedAvgStrategy(PrivateStrategy):
             "update_norm": step_norm,
             "noise_std_per_param": noise_std,
             "noise_norm_expected": noise_std * float(np.sqrt(new.size)),
+            "noise_to_signal": noise_to_signal(
+                self.accountant.noise_multiplier, new.size, self.expected_clients
+            ),
         }
         logger.info(
             "Round %d: update norm %.4g (expected noise norm %.4g over %d parameters)",
