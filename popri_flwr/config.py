@@ -96,7 +96,9 @@ class StrategyConfig:
     """Method-specific settings; ``name`` picks the strategy (one config key swaps methods).
 
     POPri uses ``num_prompts`` (K), ``samples_per_prompt`` (J), ``reject_rank`` (r, zero-based),
-    ``shots`` and ``payload`` (``embeddings``: the server embeds samples and clients only do a
+    ``shots``, ``prompt_style`` (``list``: the paper's few-shot list to continue; ``chat``: the
+    same examples in an instruction, in the generator's chat template, for instruct models) and
+    ``payload`` (``embeddings``: the server embeds samples and clients only do a
     matrix product; ``texts``: clients receive and embed the texts themselves). PE and
     DP-FedAvg read their own typed sections, ``pe`` and ``fedavg``.
     """
@@ -106,6 +108,7 @@ class StrategyConfig:
     samples_per_prompt: int = 10
     reject_rank: int = 4
     shots: int = 3
+    prompt_style: str = "list"
     payload: str = "embeddings"
     #: Private Evolution's own settings (``strategy=pe``).
     pe: PEConfig = field(default_factory=PEConfig)

@@ -28,6 +28,7 @@ def test_defaults_and_demo_compose():
         ("privacy.delta=2", "privacy.delta"),
         ("strategy.reject_rank=10", "strategy.reject_rank"),
         ("strategy.payload=weights", "strategy.payload"),
+        ("strategy.prompt_style=instruct", "strategy.prompt_style"),
         ("strategy.name=nope", "strategy.name"),
         ("generation.backend=tgi", "generation.backend"),
         ("data.source=s3", "data.source"),
@@ -42,6 +43,12 @@ def test_bad_values_name_the_key(override, key):
         load_config([override])
     assert str(info.value).startswith(key), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_chat_prompts_need_a_description():
+    assert load_config(["strategy.prompt_style=chat"]).strategy.prompt_style == "chat"
+    with pytest.raises(ConfigError, match="^public_set.description: must be set for strategy"):
+        load_config(["strategy.prompt_style=chat", "public_set.description=' '"])
 
 
 @pytest.mark.parametrize("spelling", ["inf", ".inf", "Infinity", "+inf", "'.inf'"])

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from popri_flwr.algorithms.prompts import build_prompts, extract_sample, few_shot_prompt
+from popri_flwr.algorithms.prompts import (
+    build_prompts,
+    chat_prompt,
+    extract_sample,
+    few_shot_prompt,
+)
 from popri_flwr.models.embedding import get_embedder
 from popri_flwr.models.generation import (
     SamplingParams,
     VLLMGenerator,
+    format_chat,
     generate_samples,
     generator_from_config,
     make_generator,
@@ -34,6 +40,28 @@ def test_few_shot_template_and_distinct_examples():
     assert few_shot_prompt(["a", "b"]).count("Original Text Sample") == 3
     with pytest.raises(ValueError, match="public_set: needs at least 3 texts, got 2"):
         build_prompts(PUBLIC[:2], 1, np.random.default_rng(0))
+
+
+def test_chat_style_shows_the_same_examples_in_an_instruction():
+    kw = dict(shots=2, description="a paragraph of a speech")
+    listed = build_prompts(PUBLIC, 8, np.random.default_rng(5), **kw)
+    chat = build_prompts(PUBLIC, 8, np.random.default_rng(5), style="chat", **kw)
+    for a, b in zip(listed, chat, strict=True):
+        # Same rng, same examples: the style changes the wording only.
+        assert [t for t in PUBLIC if t in a] == [t for t in PUBLIC if t in b]
+        assert "Original Text Sample" not in b
+        assert b.startswith("Examples of a paragraph of a speech:\n\n")
+        assert "Write one more a paragraph of a speech, new and different" in b
+    assert (
+        chat_prompt(["x"], "a poem")
+        == build_prompts(
+            ["x"], 1, np.random.default_rng(0), shots=1, style="chat", description="a poem"
+        )[0]
+    )
+    with pytest.raises(ValueError, match="^strategy.prompt_style: expected one of"):
+        build_prompts(PUBLIC, 1, np.random.default_rng(0), style="instruct")
+    with pytest.raises(ValueError, match="^public_set.description: the chat prompt style"):
+        build_prompts(PUBLIC, 1, np.random.default_rng(0), style="chat", description=" ")
 
 
 def test_extraction_cuts_at_the_next_item_only():
@@ -81,6 +109,24 @@ def test_chat_generation_gives_text(generator):
         chat=True,
     )
     assert len(out[0].split()) >= 2
+
+
+def test_a_chat_formatted_prompt_generates_what_chat_mode_does(generator):
+    """format_chat gives the exact prompt text chat=True samples from (so DPO sees it too)."""
+    message = chat_prompt(PUBLIC[:1], "a paragraph of a speech")
+    prompt = format_chat(generator.tokenizer, message)
+    assert message in prompt and prompt != message
+    assert prompt.rstrip().endswith("assistant")  # SmolLM2's template opens the reply
+    params = SamplingParams(max_new_tokens=10, seed=7)
+    assert generate_samples(generator, [prompt], params, 2) == generate_samples(
+        generator, [message], params, 2, chat=True
+    )
+
+    class NoTemplate:  # test double: a base model's tokenizer, which has no chat template
+        chat_template = None
+
+    with pytest.raises(ValueError, match="^strategy.prompt_style: 'chat' needs a generator"):
+        format_chat(NoTemplate(), message)
 
 
 def test_unknown_backend_and_missing_vllm(monkeypatch):

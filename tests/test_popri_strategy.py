@@ -17,6 +17,7 @@ import torch
 from fakegrid import FakeGrid, set_task_identity
 from flwr.app import Context, Message, RecordDict
 
+from popri_flwr.algorithms.prompts import chat_prompt
 from popri_flwr.client_apps.app import make_client_app
 from popri_flwr.hydra_config import load_config
 from popri_flwr.models.dpo import DPOStep, DPOStepConfig
@@ -73,7 +74,9 @@ def _client_grid(cfg) -> FakeGrid:
     return FakeGrid({i + 1: node(i) for i in range(N)})
 
 
-def _strategy(tmp_path, sigma: float, monkeypatch) -> tuple[PopriStrategy, list]:
+def _strategy(
+    tmp_path, sigma: float, monkeypatch, prompt_style: str = "list"
+) -> tuple[PopriStrategy, list]:
     cache = os.environ.get("POPRI_CACHE")
     model, tok = load_causal_lm(device="cpu", cache_dir=cache)
     dpo = DPOStep(
@@ -101,6 +104,7 @@ def _strategy(tmp_path, sigma: float, monkeypatch) -> tuple[PopriStrategy, list]
         samples_per_prompt=J,
         reject_rank=R,
         shots=1,
+        prompt_style=prompt_style,
         sampling=SamplingParams(max_new_tokens=8, truncate_tokens=8, seed=0),
         embedder_name="packaged:all-minilm-l6-v2",
         accountant=PrivacyAccountant(
@@ -174,6 +178,27 @@ def test_pairs_follow_the_noisy_sum(cfg, tmp_path, monkeypatch, sigma):
     else:
         assert strategy.differentially_private
         assert np.abs(release).max() > 1.5  # N(0, 9) noise on 6 entries, far beyond |sum| <= 4
+
+
+def test_chat_prompts_are_what_the_generator_and_dpo_both_see(cfg, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    strategy, seen = _strategy(tmp_path, 0.0, monkeypatch, prompt_style="chat")
+    strategy.start(grid=_client_grid(cfg), num_rounds=1)
+    (_, pairs) = seen[0]
+    assert len(pairs) == K
+    tok = strategy.tokenizer
+    for prompt in pairs.prompts:  # the templated instruction over one public example
+        (example,) = [t for t in PUBLIC if t in prompt]
+        message = chat_prompt([example], "a paragraph")
+        assert prompt == tok.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
+    # The replies were sampled from those prompts: the samples are the assistant's text.
+    rows = RunDirectory(tmp_path / "run").read_jsonl(tmp_path / "run" / "samples/round_001.jsonl")
+    assert len(rows) == K * J and any(r["text"].strip() for r in rows)
+    assert not any("<|im_start|>" in r["text"] for r in rows)
+    with pytest.raises(ValueError, match="^strategy.prompt_style: expected one of"):
+        _strategy(tmp_path / "bad", 0.0, monkeypatch, prompt_style="instruct")
 
 
 def test_pair_recovery_counts_pairs_the_clean_sum_agrees_with():

@@ -147,6 +147,23 @@ def test_base_model_and_samples_per_prompt(fresh4, run_dir, tmp_path):
         generate_synthetic(None, 2, config=cfg, public_texts=PUBLIC)
 
 
+def test_chat_prompt_style_is_followed_and_recorded(tmp_path):
+    import dataclasses
+
+    cfg = from_mapping(RunConfig, compose(OVERRIDES))
+    chat = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, prompt_style="chat"))
+    kw = dict(public_texts=PUBLIC, samples_per_prompt=2, adapter=False, progress=False)
+    out = generate_synthetic(None, 2, tmp_path / "c.jsonl", config=chat, **kw)
+    listed = generate_synthetic(None, 2, tmp_path / "l.jsonl", config=cfg, **kw)
+    assert read_rows(out) != read_rows(listed)  # same seeds and examples, other prompts
+    meta = json.loads((tmp_path / "c.jsonl.meta.json").read_text())
+    assert meta["prompt_style"] == "chat"
+    # The default style is not written, so files from before the key existed still continue.
+    assert "prompt_style" not in json.loads((tmp_path / "l.jsonl.meta.json").read_text())
+    with pytest.raises(ValueError, match=r"other settings \(prompt_style: "):
+        generate_synthetic(None, 3, out, config=cfg, **kw)
+
+
 def test_final_set_may_be_sampled_otherwise_than_the_loop(run_dir, tmp_path):
     # Two texts of one prompt: the run's sampling (T = 1) draws two different continuations;
     # the greedy override (T = 0) must give the same one twice, and says so in its meta file.

@@ -8,7 +8,17 @@ A POPri prompt shows ``shots`` public texts in a few-shot list and lets the mode
     ...
     Original Text Sample 4
 
-The sample is the continuation up to the next "Orig" marker.
+The sample is the continuation up to the next "Orig" marker. That list continuation suits a
+base model. An instruct model writes better text when asked in its own chat format, so
+``style="chat"`` puts the same public examples in an instruction instead (:func:`chat_prompt`);
+the caller wraps it in the tokenizer's chat template, and the sample is the reply::
+
+    Examples of {description}:
+
+    {a}
+
+    Write one more {description}, new and different from the examples. Reply with the text
+    only: one paragraph of 60 to 120 words, no title, no preamble.
 """
 
 from __future__ import annotations
@@ -32,16 +42,47 @@ def few_shot_prompt(examples: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chat_prompt(examples: Sequence[str], description: str) -> str:
+    """The chat-style instruction over ``examples`` (a user message, not yet templated)."""
+    if not description.strip():
+        raise ValueError("public_set.description: the chat prompt style needs a description")
+    shown = "\n\n".join(text.strip() for text in examples)
+    return (
+        f"Examples of {description}:\n\n{shown}\n\n"
+        f"Write one more {description}, new and different from the examples. Reply with the "
+        "text only: one paragraph of 60 to 120 words, no title, no preamble."
+    )
+
+
+#: Values of ``strategy.prompt_style``.
+PROMPT_STYLES = ("list", "chat")
+
+
 def build_prompts(
-    public_texts: Sequence[str], num_prompts: int, rng: np.random.Generator, shots: int = 3
+    public_texts: Sequence[str],
+    num_prompts: int,
+    rng: np.random.Generator,
+    shots: int = 3,
+    style: str = "list",
+    description: str = "",
 ) -> list[str]:
-    """``num_prompts`` prompts, each with ``shots`` distinct public texts drawn at random."""
+    """``num_prompts`` prompts, each with ``shots`` distinct public texts drawn at random.
+
+    ``style="list"``: the few-shot list to continue (:func:`few_shot_prompt`); ``"chat"``: the
+    instruction of :func:`chat_prompt` over ``description``, which the caller still has to wrap
+    in the generator's chat template. Both draw the same examples from the same ``rng``.
+    """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"strategy.prompt_style: expected one of {PROMPT_STYLES}, got {style!r}")
     if len(public_texts) < shots:
         raise ValueError(f"public_set: needs at least {shots} texts, got {len(public_texts)}")
-    return [
-        few_shot_prompt([public_texts[i] for i in rng.choice(len(public_texts), shots, False)])
-        for _ in range(num_prompts)
-    ]
+    prompts = []
+    for _ in range(num_prompts):
+        examples = [public_texts[i] for i in rng.choice(len(public_texts), shots, False)]
+        prompts.append(
+            few_shot_prompt(examples) if style == "list" else chat_prompt(examples, description)
+        )
+    return prompts
 
 
 def extract_sample(continuation: str) -> str:

@@ -4,8 +4,8 @@ The downstream evaluation of the paper trains a small LM on texts sampled from t
 generator. :func:`generate_synthetic` rebuilds that generator from a run directory and samples
 with the run's own prompt construction and sampling settings:
 
-* prompts: POPri's few-shot list prompt over ``strategy.shots`` texts drawn from the run's
-  public set (``public_set.jsonl``), one prompt per ``samples_per_prompt`` texts;
+* prompts: POPri's prompt (``strategy.prompt_style``) over ``strategy.shots`` texts drawn from
+  the run's public set (``public_set.jsonl``), one prompt per ``samples_per_prompt`` texts;
 * sampling: ``generation.temperature``, ``top_p``, ``max_new_tokens``, then the sample is cut at
   the next "Original Text Sample" marker and truncated to ``generation.truncate_tokens``.
 
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from popri_flwr.config import RunConfig
-from popri_flwr.models.generation import SamplingParams, generate_samples
+from popri_flwr.models.generation import SamplingParams, format_chat, generate_samples
 from popri_flwr.models.index_sampling import IndexSeededGenerator, prompt_for
 from popri_flwr.models.loading import load_generator_model
 from popri_flwr.run_dir import atomic_write_text, find_adapter, read_run_config
@@ -153,6 +153,8 @@ class _Plan:
     samples_per_prompt: int
     shots: int
     seed: int
+    prompt_style: str = "list"
+    description: str = ""
 
     def meta(self) -> dict[str, Any]:
         weights = self.adapter_path / "adapter_model.safetensors" if self.adapter_path else None
@@ -166,6 +168,8 @@ class _Plan:
             else _sha256_texts(self.public_texts),
             "seed": self.seed,
             "shots": self.shots,
+            # Only when not the default, so files written before the key existed stay valid.
+            **({"prompt_style": self.prompt_style} if self.prompt_style != "list" else {}),
             "samples_per_prompt": self.samples_per_prompt,
             "sampling": asdict(self.params),
             "batch_size": self.batch_size,
@@ -385,11 +389,14 @@ def _make_plan(
         samples_per_prompt=samples_per_prompt,
         shots=cfg.strategy.shots,
         seed=seed,
+        prompt_style=cfg.strategy.prompt_style,
+        description=cfg.public_set.description,
     )
 
 
 def _check_same_settings(out_path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    for key, value in new.items():
+    for key in {**old, **new}:  # a key only one side has (prompt_style) is a difference too
+        value = new.get(key)
         if key in _FREE_META_KEYS or (key == "public_set_sha256" and value is None):
             continue  # a zero-shot public set is compared once it is built
         if old.get(key) != value:
@@ -442,7 +449,19 @@ def _append_texts(
         for start in range((done // size) * size, n, size):
             indices = list(range(start, min(start + size, n)))
             prompt_ids = [i // plan.samples_per_prompt for i in indices]
-            prompts = [prompt_for(plan.public_texts, p, plan.seed, plan.shots) for p in prompt_ids]
+            prompts = [
+                prompt_for(
+                    plan.public_texts,
+                    p,
+                    plan.seed,
+                    plan.shots,
+                    style=plan.prompt_style,
+                    description=plan.description,
+                )
+                for p in prompt_ids
+            ]
+            if plan.prompt_style == "chat":
+                prompts = [format_chat(tokenizer, p) for p in prompts]
             gen = IndexSeededGenerator(model, tokenizer, indices, plan.seed)
             texts = [t[0] for t in generate_samples(gen, prompts, plan.params, 1, tokenizer)]
             new = [

@@ -199,9 +199,7 @@ class TransformersGenerator:
 
     def _format(self, prompt: str, chat: bool) -> str:
         if chat and getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+            return format_chat(self.tokenizer, prompt)
         return prompt
 
     def generate(
@@ -491,6 +489,22 @@ def truncate_to_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
     """``text`` cut to its first ``max_tokens`` tokens (no special tokens counted)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]).strip()
+
+
+def format_chat(tokenizer: Any, message: str) -> str:
+    """``message`` as one user turn in ``tokenizer``'s chat template, ready for the reply.
+
+    The result is plain prompt text: generating from it (``chat=False``) equals generating from
+    ``message`` with ``chat=True``, and DPO can train on exactly the prompt that was sampled.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "strategy.prompt_style: 'chat' needs a generator whose tokenizer has a chat "
+            "template (an instruct model); use 'list' for a base model"
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def generate_samples(

@@ -24,10 +24,21 @@ def index_seed(seed: int, index: int, tag: int) -> int:
     return int(np.random.SeedSequence([seed, index, tag]).generate_state(1)[0])
 
 
-def prompt_for(public_texts: Sequence[str], prompt_index: int, seed: int, shots: int) -> str:
-    """The few-shot prompt number ``prompt_index`` (a function of the seed and index only)."""
+def prompt_for(
+    public_texts: Sequence[str],
+    prompt_index: int,
+    seed: int,
+    shots: int,
+    style: str = "list",
+    description: str = "",
+) -> str:
+    """Prompt number ``prompt_index`` (a function of the seed and index only).
+
+    ``style``/``description`` as in :func:`~popri_flwr.algorithms.prompts.build_prompts`
+    (a ``"chat"`` prompt still needs the chat template).
+    """
     rng = np.random.default_rng(index_seed(seed, prompt_index, PROMPT_TAG))
-    return build_prompts(public_texts, 1, rng, shots=shots)[0]
+    return build_prompts(public_texts, 1, rng, shots=shots, style=style, description=description)[0]
 
 
 def _noise_processor(seeds: Sequence[int]):

@@ -24,13 +24,18 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from popri_flwr.algorithms.preference import build_pairs
-from popri_flwr.algorithms.prompts import build_prompts
+from popri_flwr.algorithms.prompts import PROMPT_STYLES, build_prompts
 from popri_flwr.algorithms.public_set import build_public_set
 from popri_flwr.config import check as _check
 from popri_flwr.evaluation.distribution_metrics import fid
 from popri_flwr.models.dpo import DPOStep
 from popri_flwr.models.embedding import Embedder
-from popri_flwr.models.generation import Generator, SamplingParams, generate_samples
+from popri_flwr.models.generation import (
+    Generator,
+    SamplingParams,
+    format_chat,
+    generate_samples,
+)
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 from popri_flwr.strategies.base import PrivateStrategy, eval_embeddings_for
 
@@ -54,6 +59,10 @@ class PopriStrategy(PrivateStrategy):
         ``dict(description=..., size=..., path=..., max_new_tokens=...)``.
     num_prompts, samples_per_prompt, reject_rank, shots
         K, J, r (zero-based) and the number of few-shot examples per prompt.
+    prompt_style
+        ``"list"`` (the paper's few-shot list, continued) or ``"chat"`` (the examples in an
+        instruction, wrapped in the tokenizer's chat template; for instruct generators). See
+        :mod:`popri_flwr.algorithms.prompts`.
     sampling
         Sampling parameters of the per-round generation.
     payload
@@ -81,6 +90,7 @@ class PopriStrategy(PrivateStrategy):
         reject_rank: int,
         sampling: SamplingParams,
         shots: int = 3,
+        prompt_style: str = "list",
         payload: str = "embeddings",
         embedder_name: str = "",
         eval_embeddings: np.ndarray | None = None,
@@ -91,6 +101,12 @@ class PopriStrategy(PrivateStrategy):
             raise ValueError(
                 f"strategy.reject_rank: must be in [1, {samples_per_prompt}), got {reject_rank}"
             )
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(
+                f"strategy.prompt_style: expected one of {PROMPT_STYLES}, got {prompt_style!r}"
+            )
+        if prompt_style == "chat":
+            format_chat(tokenizer, "")  # fails now, naming the key, if there is no template
         if payload not in ("embeddings", "texts"):
             raise ValueError(f"strategy.payload: expected embeddings or texts, got {payload!r}")
         self.generator, self.tokenizer, self.dpo, self.embedder = (
@@ -101,6 +117,7 @@ class PopriStrategy(PrivateStrategy):
         )
         self.public_set_cfg = public_set
         self.k, self.j, self.r, self.shots = num_prompts, samples_per_prompt, reject_rank, shots
+        self.prompt_style = prompt_style
         self.sampling, self.payload, self.embedder_name = sampling, payload, embedder_name
         self.eval_embeddings = eval_embeddings
         self.public_texts: list[str] = []
@@ -126,6 +143,18 @@ class PopriStrategy(PrivateStrategy):
             s.reject_rank,
         )
         _check(s.shots >= 1, "strategy.shots", "must be >= 1", s.shots)
+        _check(
+            s.prompt_style in PROMPT_STYLES,
+            "strategy.prompt_style",
+            f"expected one of {PROMPT_STYLES}",
+            s.prompt_style,
+        )
+        _check(
+            s.prompt_style != "chat" or bool(cfg.public_set.description.strip()),
+            "public_set.description",
+            "must be set for strategy.prompt_style=chat",
+            cfg.public_set.description,
+        )
         _check(
             s.payload in ("embeddings", "texts"),
             "strategy.payload",
@@ -168,6 +197,7 @@ class PopriStrategy(PrivateStrategy):
             samples_per_prompt=s.samples_per_prompt,
             reject_rank=s.reject_rank,
             shots=s.shots,
+            prompt_style=s.prompt_style,
             payload=s.payload,
             sampling=SamplingParams.from_config(g, cfg.seed),
             embedder_name=cfg.embedder.model,
@@ -241,7 +271,7 @@ class PopriStrategy(PrivateStrategy):
         """Build round ``server_round``'s prompts and samples with the current policy."""
         rng = self.rng_for(server_round, "prompts")
         with self.timer("generate"):
-            self.prompts = build_prompts(self.public_texts, self.k, rng, shots=self.shots)
+            self.prompts = self.build_prompts(rng)
             params = SamplingParams(
                 **{**self.sampling.__dict__, "seed": self.sampling.seed + 1000 * server_round}
             )
@@ -252,6 +282,20 @@ class PopriStrategy(PrivateStrategy):
         with self.timer("embed"):
             self.sample_emb = self.embedder.embed(self.samples)
         self._write_samples(server_round, None)
+
+    def build_prompts(self, rng: np.random.Generator) -> list[str]:
+        """This round's K prompts from the public set, as the generator and DPO both see them."""
+        prompts = build_prompts(
+            self.public_texts,
+            self.k,
+            rng,
+            shots=self.shots,
+            style=self.prompt_style,
+            description=str(self.public_set_cfg.get("description") or ""),
+        )
+        if self.prompt_style == "chat":
+            prompts = [format_chat(self.tokenizer, p) for p in prompts]
+        return prompts
 
     def _write_samples(self, server_round: int, scores: np.ndarray | None) -> None:
         rows = (
