@@ -51,7 +51,7 @@ def test_chat_style_shows_the_same_examples_in_an_instruction():
         assert [t for t in PUBLIC if t in a] == [t for t in PUBLIC if t in b]
         assert "Original Text Sample" not in b
         assert b.startswith("Examples of a paragraph of a speech:\n\n")
-        assert "Write one more a paragraph of a speech, new and different" in b
+        assert "Write one more, new and different from these examples." in b
     assert (
         chat_prompt(["x"], "a poem")
         == build_prompts(

@@ -17,8 +17,8 @@ the caller wraps it in the tokenizer's chat template, and the sample is the repl
 
     {a}
 
-    Write one more {description}, new and different from the examples. Reply with the text
-    only: one paragraph of 60 to 120 words, no title, no preamble.
+    Write one more, new and different from these examples. Reply with the text only: one
+    paragraph of 60 to 120 words, no title, no preamble.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def chat_prompt(examples: Sequence[str], description: str) -> str:
     shown = "\n\n".join(text.strip() for text in examples)
     return (
         f"Examples of {description}:\n\n{shown}\n\n"
-        f"Write one more {description}, new and different from the examples. Reply with the "
-        "text only: one paragraph of 60 to 120 words, no title, no preamble."
+        "Write one more, new and different from these examples. Reply with the text only: one "
+        "paragraph of 60 to 120 words, no title, no preamble."
     )
 
 
