@@ -28,7 +28,9 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +106,42 @@ class RunDirectory:
             raise ConfigError(f"run_dir: cannot write to {self.path} ({err.strerror})") from None
         (self.path / "samples").mkdir(exist_ok=True)
         (self.path / "checkpoint").mkdir(exist_ok=True)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the directory for one run; a second run on it fails at once.
+
+        Two processes resuming one directory would interleave rounds, releases and adapter
+        checkpoints (a run killed by signal while its launcher lives on, a benchmark restarted
+        over a run that is still going). An advisory ``flock`` on ``run_dir/.lock`` prevents
+        that; the OS drops it when the holder exits, however it exits. Where ``fcntl`` does
+        not exist (Windows) nothing is locked.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - POSIX only
+            yield
+            return
+        with open(self.path / ".lock", "a+", encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise RuntimeError(
+                    f"run_dir: {self.path} is in use by another run ({holder}); wait for it to "
+                    "end or choose another run_dir"
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()  # released: no stale holder in the error message of a later run
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # --- files ---------------------------------------------------------------------------
     @property

@@ -504,3 +504,42 @@ def test_resume_refuses_a_different_mechanism(tmp_path):
     other = make(tmp_path, sigma=4.0, eps=50.0, n=3)
     with pytest.raises(ValueError, match="privacy: the run being resumed used sigma=5"):
         other.start(grid=FakeGrid(behaviours), num_rounds=2)
+
+
+def test_a_second_run_on_a_held_directory_fails_before_doing_anything(tmp_path):
+    """Another process holds the run directory: start() refuses it; once free, it runs."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(  # a real second process, as a stray run would be
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom popri_flwr.run_dir import RunDirectory\n"
+            f"with RunDirectory({str(tmp_path)!r}).exclusive():\n"
+            "    print('held', flush=True)\n    sys.stdin.readline()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        strategy = make(tmp_path, n=2)
+        grid = FakeGrid({1: honest, 2: honest})
+        with pytest.raises(
+            RuntimeError, match=rf"^run_dir: .* in use by another run \(pid {holder.pid} on "
+        ):
+            strategy.start(grid=grid, num_rounds=1)
+        assert grid.sent == [] and not (tmp_path / "rounds.jsonl").exists()
+    finally:
+        holder.communicate("\n", timeout=60)  # let it go; the lock goes with it
+    strategy.start(grid=grid, num_rounds=1)
+    assert [r["round"] for r in RunDirectory(tmp_path).read_rounds()] == [1]
+    # The same process cannot hold it twice either (each run opens the lock anew).
+    with (
+        RunDirectory(tmp_path).exclusive(),
+        pytest.raises(RuntimeError, match="in use by another run"),
+        RunDirectory(tmp_path).exclusive(),
+    ):
+        pass

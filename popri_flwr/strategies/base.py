@@ -543,6 +543,18 @@ class PrivateStrategy(Strategy):
             ``arrays`` (:meth:`final_arrays`), the released round metrics per round
             (``train_metrics_clientapp``) and ``evaluate_fn``'s metrics.
         """
+        with self.run_dir.exclusive():  # one run per directory at a time
+            return self._start(grid, num_rounds, timeout, train_config, evaluate_fn)
+
+    def _start(
+        self,
+        grid: Grid,
+        num_rounds: int,
+        timeout: float | None,
+        train_config: ConfigRecord | None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+    ) -> Result:
+        """:meth:`start`'s rounds, with the run directory held."""
         timeout = self.round_timeout if timeout is None else timeout
         self._train_config = train_config
         self.run_dir.check_accounted()  # a lost state.json must not mean spending again
