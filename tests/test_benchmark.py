@@ -307,3 +307,35 @@ def test_small_preset_runs_baselines_once_and_the_error_bar_rows_three_times():
     baselines = {(m, e) for m in ("pe", "dp_fedavg") for e in (1.0, 7.0)}
     assert baselines <= set(per_seed[0])
     assert not baselines & (set(per_seed[1]) | set(per_seed[2]))
+
+
+def test_a_stopped_benchmark_stops_its_run_first(tmp_path):
+    """SIGTERM to the benchmark: its popri-run child is stopped, not left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "child_pid"
+    os.mkfifo(fifo)
+    # The child (a stand-in for popri-run) reports its pid, then waits on stdin for ever.
+    child = f"import os, sys\nopen({str(fifo)!r}, 'w').write(str(os.getpid()))\nsys.stdin.read()\n"
+    benchmark = (
+        "import sys\n"
+        "from popri_flwr.cli.benchmark import exit_on_sigterm\n"
+        "from popri_flwr.evaluation.benchmark import run_child\n"
+        "with exit_on_sigterm():\n"
+        f"    run_child([sys.executable, '-c', {child!r}], {str(tmp_path / 'log')!r}, None)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", benchmark], stdin=subprocess.PIPE)
+    try:
+        with open(fifo) as fh:  # blocks until the child is running
+            child_pid = int(fh.read())
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=120) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):  # stopped and reaped before the parent left
+            os.kill(child_pid, 0)
+    finally:
+        parent.stdin.close()
+        if parent.poll() is None:
+            parent.kill()

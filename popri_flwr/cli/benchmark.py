@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from popri_flwr.config import ConfigError
 
@@ -107,13 +111,33 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from popri_flwr.evaluation.benchmark import run_benchmark
 
-        rows = run_benchmark(bc)
+        with exit_on_sigterm():
+            rows = run_benchmark(bc)
     except ConfigError as err:
         print(f"popri-benchmark: error: {err}", file=sys.stderr)
         return 2
     print((bc.out / "results.md").read_text())
     failed = [r for r in rows if r.get("status") != "ok"]
     return 1 if failed else 0
+
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` instead of ending the process.
+
+    The default action would end the benchmark at once and leave its current ``popri-run``
+    child running; raised as an exception, it reaches
+    :func:`~popri_flwr.evaluation.benchmark.run_child`, which stops the child first.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

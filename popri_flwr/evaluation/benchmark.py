@@ -469,12 +469,37 @@ def run_private(
     ]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     logger.info("%s: %s (log: %s)", row_key(method, epsilon, seed), " ".join(args[3:]), log_path)
-    with open(log_path, "ab") as log:
-        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"popri-run exited with {proc.returncode}; see {log_path}")
+    returncode = run_child(args, log_path, env)
+    if returncode != 0:
+        raise RuntimeError(f"popri-run exited with {returncode}; see {log_path}")
     if not (run_dir / "rounds.jsonl").exists():
         raise RuntimeError(f"popri-run wrote no rounds; see {log_path}")
+
+
+def run_child(args: Sequence[str], log_path: Path, env: Mapping[str, str] | None) -> int:
+    """Run ``args`` with its output appended to ``log_path``; stop it if this process is stopped.
+
+    If waiting is interrupted (Ctrl-C, or SIGTERM turned into ``SystemExit`` by
+    :func:`popri_flwr.cli.benchmark.exit_on_sigterm`), the child gets SIGTERM, 30 s to shut
+    down, then SIGKILL, so no run is left going in a directory the next benchmark will use.
+
+    Returns
+    -------
+    int
+        The child's exit status.
+    """
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
 
 
 def round0_texts(bc: BenchmarkConfig, seed: int, n: int) -> list[str]:
