@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from popri_flwr.config import RunConfig
-from popri_flwr.models.generation import SamplingParams, format_chat, generate_samples
+from popri_flwr.models.generation import SamplingParams, generate_samples, render_prompts
 from popri_flwr.models.index_sampling import IndexSeededGenerator, prompt_for
 from popri_flwr.models.loading import load_generator_model
 from popri_flwr.run_dir import atomic_write_text, find_adapter, read_run_config
@@ -449,7 +449,7 @@ def _append_texts(
         for start in range((done // size) * size, n, size):
             indices = list(range(start, min(start + size, n)))
             prompt_ids = [i // plan.samples_per_prompt for i in indices]
-            prompts = [
+            messages = [
                 prompt_for(
                     plan.public_texts,
                     p,
@@ -460,8 +460,7 @@ def _append_texts(
                 )
                 for p in prompt_ids
             ]
-            if plan.prompt_style == "chat":
-                prompts = [format_chat(tokenizer, p) for p in prompts]
+            prompts = render_prompts(tokenizer, messages, plan.prompt_style)
             gen = IndexSeededGenerator(model, tokenizer, indices, plan.seed)
             texts = [t[0] for t in generate_samples(gen, prompts, plan.params, 1, tokenizer)]
             new = [

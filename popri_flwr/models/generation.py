@@ -507,6 +507,16 @@ def format_chat(tokenizer: Any, message: str) -> str:
     )
 
 
+def render_prompts(tokenizer: Any, prompts: Sequence[str], style: str) -> list[str]:
+    """Prompts as the model reads them (``strategy.prompt_style``).
+
+    ``"chat"`` prompts are user messages and get the chat template (:func:`format_chat`);
+    ``"list"`` prompts are already the text to continue. The one place that decides it, for
+    the per-round samples, the DPO pairs and the final synthetic set alike.
+    """
+    return [format_chat(tokenizer, p) for p in prompts] if style == "chat" else list(prompts)
+
+
 def generate_samples(
     generator: Generator,
     prompts: Sequence[str],

@@ -35,6 +35,7 @@ from popri_flwr.models.generation import (
     SamplingParams,
     format_chat,
     generate_samples,
+    render_prompts,
 )
 from popri_flwr.protocol import PAYLOAD_ARRAYS, PAYLOAD_CONFIG
 from popri_flwr.strategies.base import PrivateStrategy, eval_embeddings_for
@@ -293,9 +294,7 @@ class PopriStrategy(PrivateStrategy):
             style=self.prompt_style,
             description=str(self.public_set_cfg.get("description") or ""),
         )
-        if self.prompt_style == "chat":
-            prompts = [format_chat(self.tokenizer, p) for p in prompts]
-        return prompts
+        return render_prompts(self.tokenizer, prompts, self.prompt_style)
 
     def _write_samples(self, server_round: int, scores: np.ndarray | None) -> None:
         rows = (
