@@ -168,6 +168,14 @@ class EvaluationConfig:
 
     fid: bool = True
     max_eval_texts: int = 2000
+    #: POPri diagnostics: this many fixed prompts (x samples_per_prompt), sampled after every
+    #: round with the same seeds, so the change of ``fid_probe`` from round to round is the
+    #: generator's alone (the round's own prompts are new each round). 0 = off.
+    probe_prompts: int = 0
+    #: POPri diagnostics: the generator's own next-token loss and accuracy on this many
+    #: held-out private texts (``generator_loss``), after every round. Deterministic given the
+    #: generator, so every change is the generator's. 0 = off.
+    generator_eval_texts: int = 0
     report_client_seconds: bool = False  # a timing side channel: off unless benchmarking
 
 
@@ -359,6 +367,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         "generation.dtype",
         "expected auto, float32 or bfloat16",
         g.dtype,
+    )
+    check(
+        cfg.evaluation.probe_prompts >= 0,
+        "evaluation.probe_prompts",
+        "must be >= 0 (0 = off)",
+        cfg.evaluation.probe_prompts,
+    )
+    check(
+        cfg.evaluation.generator_eval_texts >= 0,
+        "evaluation.generator_eval_texts",
+        "must be >= 0 (0 = off)",
+        cfg.evaluation.generator_eval_texts,
     )
     check(
         cfg.simulation.client_num_cpus > 0,

@@ -36,6 +36,8 @@ def test_defaults_and_demo_compose():
         ("rounds=zero", "rounds"),
         ("+privacy.epsilom=1", "privacy.epsilom"),
         ("dpo.beta=-0.1", "dpo.beta"),
+        ("evaluation.probe_prompts=-1", "evaluation.probe_prompts"),
+        ("evaluation.generator_eval_texts=-5", "evaluation.generator_eval_texts"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

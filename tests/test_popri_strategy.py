@@ -30,7 +30,7 @@ from popri_flwr.privacy.diagnostics import read_diagnostics
 from popri_flwr.protocol import REPLY_ARRAYS, REPLY_VECTOR
 from popri_flwr.run_dir import RunDirectory
 from popri_flwr.strategies import popri as popri_module
-from popri_flwr.strategies.popri import PopriStrategy
+from popri_flwr.strategies.popri import GEN_EVAL_LEN, PopriStrategy
 
 K, J, R, N = 2, 3, 1, 4
 PUBLIC = [
@@ -75,7 +75,7 @@ def _client_grid(cfg) -> FakeGrid:
 
 
 def _strategy(
-    tmp_path, sigma: float, monkeypatch, prompt_style: str = "list"
+    tmp_path, sigma: float, monkeypatch, prompt_style: str = "list", **extra
 ) -> tuple[PopriStrategy, list]:
     cache = os.environ.get("POPRI_CACHE")
     model, tok = load_causal_lm(device="cpu", cache_dir=cache)
@@ -117,6 +117,7 @@ def _strategy(
         num_clients=N,
         run_dir=RunDirectory(tmp_path / "run"),
         diagnostics=True,
+        **extra,
     )
     seen: list = []
     monkeypatch.setattr(popri_module, "build_pairs", _keep(popri_module.build_pairs, seen))
@@ -199,6 +200,65 @@ def test_chat_prompts_are_what_the_generator_and_dpo_both_see(cfg, tmp_path, mon
     assert not any("<|im_start|>" in r["text"] for r in rows)
     with pytest.raises(ValueError, match="^strategy.prompt_style: expected one of"):
         _strategy(tmp_path / "bad", 0.0, monkeypatch, prompt_style="instruct")
+
+
+def test_probe_and_generator_eval_measure_the_generator_alone(cfg, tmp_path, monkeypatch):
+    """Common random numbers for the probe; a deterministic held-out loss for the generator."""
+    torch.set_num_threads(1)
+    held_out_texts = [f"Paragraph {i} of a private speech about taxes and jobs." for i in range(8)]
+    held_out = get_embedder("packaged:all-minilm-l6-v2", "cpu").embed(held_out_texts)
+    strategy, _ = _strategy(
+        tmp_path,
+        0.0,
+        monkeypatch,
+        eval_embeddings=held_out,
+        probe_prompts=K + 1,
+        generator_eval_texts=held_out_texts[:3],
+    )
+    # The loss by hand, from transformers' own shifted cross-entropy, on the base model.
+    model, tok = strategy.dpo.model, strategy.tokenizer
+    total = count = 0.0
+    with torch.no_grad():
+        for text in held_out_texts[:3]:
+            seq = [tok.bos_token_id, *tok(text)["input_ids"], tok.eos_token_id]
+            ids = torch.tensor([seq[:GEN_EVAL_LEN]])
+            n = ids.shape[1] - 1
+            total += model(input_ids=ids, labels=ids).loss.float().item() * n
+            count += n
+    base_loss = strategy.generator_eval()["generator_loss"]
+    assert base_loss == pytest.approx(total / count, rel=1e-5)
+
+    calls: list = []
+    real_generate = popri_module.generate_samples
+
+    def generate_spy(generator, prompts, params, j, **kw):  # records, then runs the real one
+        calls.append((list(prompts), params.seed))
+        return real_generate(generator, prompts, params, j, **kw)
+
+    monkeypatch.setattr(popri_module, "generate_samples", generate_spy)
+    probes: list = []
+    real_probe = strategy.probe
+    strategy.probe = lambda: probes.append(real_probe()) or probes[-1]
+    strategy.start(grid=_client_grid(cfg), num_rounds=1)
+    # prepare: probe of the base model, round 1's samples; after DPO: round 2's, probe again.
+    assert len(calls) == 4 and len(probes) == 2
+    (before, seed_before), round1, round2, (after, seed_after) = calls
+    assert before == after and seed_before == seed_after  # same prompts, same random draws
+    assert len(before) == K + 1  # more probe prompts than the round has
+    assert seed_before not in (round1[1], round2[1])  # not the round's own samples
+    (diag,) = read_diagnostics(tmp_path / "run")
+    assert diag["fid_probe"] == probes[1]["fid_probe"] > 0
+    assert diag["fid_probe_change"] == pytest.approx(
+        probes[1]["fid_probe"] - probes[0]["fid_probe"]
+    )
+    assert {"similarity_probe", "diversity_probe", "generator_top1"} <= diag.keys()
+    assert real_probe() == probes[1]  # the same generator writes the same texts
+    # One DPO step moved the policy, and the change is measured from the base model's loss.
+    assert diag["generator_loss"] != base_loss
+    assert diag["generator_loss_change"] == pytest.approx(diag["generator_loss"] - base_loss)
+    assert strategy.generator_eval()["generator_loss"] == diag["generator_loss"]
+    with pytest.raises(ValueError, match="^evaluation.probe_prompts: must be >= 0"):
+        _strategy(tmp_path / "bad", 0.0, monkeypatch, probe_prompts=-1)
 
 
 def test_pair_recovery_counts_pairs_the_clean_sum_agrees_with():

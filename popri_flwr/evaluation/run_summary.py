@@ -32,6 +32,10 @@ COLUMNS = (
     ("fid_next", "FID next"),
     ("similarity_next", "sim next"),
     ("diversity_next", "div next"),
+    ("fid_probe", "FID probe"),
+    ("fid_probe_change", "probe chg"),
+    ("generator_loss", "gen loss"),
+    ("generator_loss_change", "loss chg"),
     ("accuracy", "top-1"),
     ("seconds.clients", "clients s"),
     ("seconds.generate", "gen s"),
@@ -42,6 +46,7 @@ COLUMNS = (
 PANELS = (
     ("epsilon_spent", "epsilon spent"),
     ("fid_next", "FID of fresh samples (lower is closer)"),
+    ("fid_probe", "FID on fixed probe prompts and seeds"),
     ("similarity_next", "similarity of fresh samples to held-out text"),
     ("recovery", "pairs whose order survives the noise"),
     ("dpo_reward_margin", "DPO reward margin"),

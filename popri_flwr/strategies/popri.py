@@ -28,6 +28,7 @@ from popri_flwr.algorithms.prompts import PROMPT_STYLES, build_prompts
 from popri_flwr.algorithms.public_set import build_public_set
 from popri_flwr.config import check as _check
 from popri_flwr.evaluation.distribution_metrics import fid
+from popri_flwr.evaluation.downstream import encode_for_lm, evaluate_lm
 from popri_flwr.models.dpo import DPOStep
 from popri_flwr.models.embedding import Embedder
 from popri_flwr.models.generation import (
@@ -72,6 +73,11 @@ class PopriStrategy(PrivateStrategy):
         Sent to clients so both sides use the same embedding space.
     eval_embeddings
         Embeddings of held-out private text, for the evaluation-only FID (or None).
+    probe_prompts
+        Diagnostics: the number of fixed probe prompts (0 = off). See :meth:`probe`.
+    generator_eval_texts
+        Diagnostics: held-out private texts the generator's own next-token loss is measured
+        on after every round (None = off). See :meth:`generator_eval`.
     **kwargs
         See :class:`~popri_flwr.strategies.base.PrivateStrategy`.
     """
@@ -95,9 +101,13 @@ class PopriStrategy(PrivateStrategy):
         payload: str = "embeddings",
         embedder_name: str = "",
         eval_embeddings: np.ndarray | None = None,
+        probe_prompts: int = 0,
+        generator_eval_texts: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if probe_prompts < 0:
+            raise ValueError(f"evaluation.probe_prompts: must be >= 0, got {probe_prompts}")
         if not 1 <= reject_rank < samples_per_prompt:
             raise ValueError(
                 f"strategy.reject_rank: must be in [1, {samples_per_prompt}), got {reject_rank}"
@@ -121,6 +131,12 @@ class PopriStrategy(PrivateStrategy):
         self.prompt_style = prompt_style
         self.sampling, self.payload, self.embedder_name = sampling, payload, embedder_name
         self.eval_embeddings = eval_embeddings
+        self.probe_prompts = probe_prompts
+        self._probe_last: dict[str, float] | None = None
+        self._gen_eval = None
+        if generator_eval_texts:
+            self._gen_eval = encode_for_lm(list(generator_eval_texts), tokenizer, GEN_EVAL_LEN)
+        self._gen_eval_last: dict[str, float] | None = None
         self.public_texts: list[str] = []
         self.prompts: list[str] = []
         self.samples: list[str] = []
@@ -203,6 +219,12 @@ class PopriStrategy(PrivateStrategy):
             sampling=SamplingParams.from_config(g, cfg.seed),
             embedder_name=cfg.embedder.model,
             eval_embeddings=eval_embeddings_for(cfg, federation, embedder, common),
+            probe_prompts=cfg.evaluation.probe_prompts,
+            generator_eval_texts=(
+                federation.eval_sample(cfg.evaluation.generator_eval_texts, cfg.seed)
+                if common.get("diagnostics") and cfg.evaluation.generator_eval_texts
+                else None
+            ),
             **common,
         )
 
@@ -214,6 +236,10 @@ class PopriStrategy(PrivateStrategy):
             self.public_texts = self._load_or_build_public_set()
         if finished_round:
             self._load_adapter(finished_round)
+        if self._probing:  # the generator as it stands, for the first round's change
+            self._probe_last = self.probe()
+        if self._gen_eval is not None:
+            self._gen_eval_last = self.generator_eval()
         nxt = finished_round + 1
         path = self.run_dir.samples_path(nxt)
         if path.exists():
@@ -284,11 +310,11 @@ class PopriStrategy(PrivateStrategy):
             self.sample_emb = self.embedder.embed(self.samples)
         self._write_samples(server_round, None)
 
-    def build_prompts(self, rng: np.random.Generator) -> list[str]:
-        """This round's K prompts from the public set, as the generator and DPO both see them."""
+    def build_prompts(self, rng: np.random.Generator, n: int | None = None) -> list[str]:
+        """This round's K (or ``n``) prompts from the public set, as generator and DPO see them."""
         prompts = build_prompts(
             self.public_texts,
-            self.k,
+            self.k if n is None else n,
             rng,
             shots=self.shots,
             style=self.prompt_style,
@@ -365,6 +391,20 @@ class PopriStrategy(PrivateStrategy):
         the un-noised sum, which only a simulation with diagnostics keeps.
         """
         out: dict[str, Any] = {}
+        if self._probing:
+            probe = self.probe()
+            out.update(probe)
+            if self._probe_last is not None:
+                out["fid_probe_change"] = probe["fid_probe"] - self._probe_last["fid_probe"]
+            self._probe_last = probe
+        if self._gen_eval is not None:
+            now = self.generator_eval()
+            out.update(now)
+            if self._gen_eval_last is not None:
+                out["generator_loss_change"] = (
+                    now["generator_loss"] - self._gen_eval_last["generator_loss"]
+                )
+            self._gen_eval_last = now
         pairs = getattr(self, "_pairs", None)
         if self._clean_sum is not None and pairs is not None and len(pairs):
             out["recovery"] = pair_recovery(
@@ -372,17 +412,76 @@ class PopriStrategy(PrivateStrategy):
             )
         if self.eval_embeddings is None or len(self.eval_embeddings) < 2:
             return out
-        centroid = self.eval_embeddings.astype(np.float64).mean(axis=0)
+        nxt = self._distance_to_eval(self.sample_emb)
         return {
             **out,
             "fid_scored": fid(self._scored_emb, self.eval_embeddings),
-            "fid_next": fid(self.sample_emb, self.eval_embeddings),
-            # What clients score, on held-out text: mean_k cos(E_k, mean eval embedding).
-            "similarity_next": float(np.mean(self.sample_emb.astype(np.float64) @ centroid)),
-            # Spread of the fresh samples (trace of their covariance): falls if DPO collapses
-            # the generator onto a few typical texts.
-            "diversity_next": float(np.var(self.sample_emb.astype(np.float64), axis=0).sum()),
+            "fid_next": nxt["fid"],
+            "similarity_next": nxt["similarity"],
+            "diversity_next": nxt["diversity"],
         }
+
+    @property
+    def _probing(self) -> bool:
+        return bool(self.probe_prompts) and self.eval_embeddings is not None
+
+    def _distance_to_eval(self, emb: np.ndarray) -> dict[str, float]:
+        """FID, similarity and diversity of sample embeddings against held-out private text.
+
+        ``similarity`` is ``mean_k E_k . mean_j P_j``, what clients score (it should rise as
+        POPri learns); ``diversity`` is the trace of the samples' covariance (it falls if DPO
+        collapses the generator onto a few typical texts); FID sees both.
+        """
+        centroid = self.eval_embeddings.astype(np.float64).mean(axis=0)
+        emb64 = emb.astype(np.float64)
+        return {
+            "fid": fid(emb, self.eval_embeddings),
+            "similarity": float(np.mean(emb64 @ centroid)),
+            "diversity": float(np.var(emb64, axis=0).sum()),
+        }
+
+    def probe(self) -> dict[str, float]:
+        """Diagnostics: the current generator on fixed prompts with fixed sampling seeds.
+
+        The round's own samples come from new prompts every round, and the prompts alone move
+        their FID by as much as a few DPO rounds do. The probe holds prompts and per-token
+        random draws fixed (common random numbers): the same generator writes the same texts,
+        so a change of ``fid_probe`` between rounds is the generator's. Prompts and seeds are
+        public randomness (the config seed); the held-out text it is measured on is private,
+        so the result is a diagnostic.
+
+        Returns
+        -------
+        dict
+            ``fid_probe``, ``similarity_probe``, ``diversity_probe``.
+        """
+        prompts = self.build_prompts(self.rng_for(0, "probe"), self.probe_prompts)
+        params = SamplingParams(**{**self.sampling.__dict__, "seed": self.sampling.seed + 999_983})
+        with self.timer("probe"):
+            groups = generate_samples(
+                self.generator, prompts, params, self.j, tokenizer=self.tokenizer
+            )
+            emb = self.embedder.embed([s for group in groups for s in group])
+        return {f"{k}_probe": v for k, v in self._distance_to_eval(emb).items()}
+
+    def generator_eval(self) -> dict[str, float]:
+        """Diagnostics: the policy's next-token loss and accuracy on held-out private text.
+
+        ``generator_loss`` is the mean cross-entropy (nats per token) of the first
+        ``GEN_EVAL_LEN`` tokens of each held-out text, ``generator_top1`` the share predicted
+        exactly. No sampling is involved, so it has no sampling noise: if the feedback moves the
+        generator toward the private distribution, the loss falls.
+
+        Returns
+        -------
+        dict
+            ``generator_loss``, ``generator_top1``.
+        """
+        ids, mask = self._gen_eval
+        model = getattr(self.generator, "model", None) or self.dpo.model  # merged when there
+        with self.timer("generator_eval"):  # float32: bf16 rounding moves it by ~0.3%
+            out = evaluate_lm(model, ids, mask, batch_size=16, bf16=False)
+        return {"generator_loss": out["loss"], "generator_top1": out["top1"]}
 
     def final_arrays(self) -> ArrayRecord:
         """The trained LoRA adapter's weights (PEFT names), as released."""
@@ -419,6 +518,10 @@ class PopriStrategy(PrivateStrategy):
             f"run_dir: no adapter of round {finished_round} in {self.run_dir.path}; "
             "cannot resume this run"
         )
+
+
+#: Tokens of each held-out text the generator's own loss is measured on (BOS included).
+GEN_EVAL_LEN = 64
 
 
 def pair_recovery(clean: np.ndarray, chosen: Any, rejected: Any) -> float:
