@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(rows)
     print(f"wrote {args.csv} ({len(rows)} rows)")
     summarize(rows)
+    if rows:
+        print(f"wrote {plot(rows, args.csv.with_suffix('.png'))}")
 
 
 def summarize(rows: list[dict]) -> None:
@@ -135,6 +137,36 @@ def summarize(rows: list[dict]) -> None:
                 f"{total.std(ddof=1) if len(total) > 1 else 0:.4f}          {per:18s} "
                 f"{falls}/{3 * len(done)}"
             )
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Cumulative loss change by generator, one line per run, one panel per tag."""
+    from matplotlib.figure import Figure
+
+    tags = sorted({r["tag"] for r in rows})
+    fig = Figure(figsize=(4.6 * len(tags), 3.4), layout="constrained")
+    colors = {"popri": "C0", "noise_free": "C2", "placebo": "C3"}
+    for k, tag in enumerate(tags, start=1):
+        ax = fig.add_subplot(1, len(tags), k)
+        seen = set()
+        for arm, i in sorted({(r["arm"], r["run"]) for r in rows if r["tag"] == tag}):
+            run = sorted((r for r in rows if (r["tag"], r["arm"], r["run"]) == (tag, arm, i)),
+                         key=lambda r: r["round"])  # fmt: skip
+            y = np.concatenate([[0.0], np.cumsum([r["generator_loss_change"] for r in run])])
+            ax.plot(range(len(y)), y, marker="o", color=colors[arm], alpha=0.7,
+                    label=None if arm in seen else arm)  # fmt: skip
+            seen.add(arm)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(4))
+        ax.set_xlabel("generator (DPO rounds trained)")
+        ax.set_ylabel("held-out loss change (nats/token)")
+        lr = next(r["overrides"] for r in rows if r["tag"] == tag)
+        ax.set_title(f"{tag or 'demo'} ({lr})", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("DIAGNOSTIC (held-out private text): generator loss vs its base model", fontsize=9)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":
