@@ -15,8 +15,8 @@ Three arms, each the demo with ``evaluation.generator_eval_texts`` on:
   same sampling, same DPO; only the information in the pairs is gone.
 
 Every run uses the same config seed, so round 1 has the same prompts and samples in every
-arm and run; runs differ only by the client sampling and the noise (fresh OS entropy) and
-what follows from them. The measure is ``generator_loss``: the generator's own next-token
+arm and run, and every later round the same prompts and random draws: arms differ only in the
+generator, runs only by the client sampling and the noise (fresh OS entropy) and what follows. The measure is ``generator_loss``: the generator's own next-token
 cross-entropy on 200 held-out private paragraphs after each round. It is deterministic given
 the generator (no sampling noise, unlike the FID of 96 samples), so its change is the
 generator's. Diagnostics (un-noised statistics of private data): for reports, not releases.
@@ -45,7 +45,7 @@ ARMS: dict[str, list[str]] = {
 }
 COLUMNS = (
     "tag", "arm", "run", "round", "generator_loss", "generator_loss_change", "generator_top1",
-    "fid_next", "similarity_next", "diversity_next", "recovery", "dpo_reward_margin",
+    "fid_scored", "fid_next", "similarity_next", "diversity_next", "recovery", "dpo_reward_margin",
     "overrides",
 )  # fmt: skip
 
@@ -137,6 +137,31 @@ def summarize(rows: list[dict]) -> None:
                 f"{total.std(ddof=1) if len(total) > 1 else 0:.4f}          {per:18s} "
                 f"{falls}/{3 * len(done)}"
             )
+    print("\nmeans over runs by generator G (G0: the base model's samples of round 1, the same in")
+    print("every run of a seed; every arm samples the same prompts with the same draws each round)")
+    print("tag       arm         G  loss change  FID next  similarity  recovery")
+    for tag in sorted({r["tag"] for r in rows}):
+        for arm in ARMS:
+            sel = [r for r in rows if r["tag"] == tag and r["arm"] == arm]
+            if not sel:
+                continue
+            g0 = np.mean([r["fid_scored"] for r in sel if r["round"] == 1])
+            print(f"{tag or '-':9s} {arm:11s} 0       0       {g0:8.4f}")
+            for g in sorted({r["round"] for r in sel}):
+                runs = {r["run"] for r in sel}
+                cum = [
+                    sum(
+                        r["generator_loss_change"] for r in sel if r["run"] == i and r["round"] <= g
+                    )
+                    for i in runs
+                ]
+                at = [r for r in sel if r["round"] == g]
+                print(
+                    f"{tag or '-':9s} {arm:11s} {g}  {np.mean(cum):+.4f}     "
+                    f"{np.mean([r['fid_next'] for r in at]):8.4f}  "
+                    f"{np.mean([r['similarity_next'] for r in at]):10.4f}  "
+                    f"{np.mean([r['recovery'] for r in at]):8.3f}"
+                )
 
 
 def plot(rows: list[dict], path: Path) -> Path:
