@@ -16,8 +16,9 @@ Three arms, each the demo with ``evaluation.generator_eval_texts`` on:
 
 Every run uses the same config seed, so round 1 has the same prompts and samples in every
 arm and run, and every later round the same prompts and random draws: arms differ only in the
-generator, runs only by the client sampling and the noise (fresh OS entropy) and what follows. The measure is ``generator_loss``: the generator's own next-token
-cross-entropy on 200 held-out private paragraphs after each round. It is deterministic given
+generator, runs only by the client sampling and the noise (fresh OS entropy) and what
+follows. The measure is ``generator_loss``: the generator's own next-token cross-entropy on
+200 held-out private paragraphs after each round. It is deterministic given
 the generator (no sampling noise, unlike the FID of 96 samples), so its change is the
 generator's. Diagnostics (un-noised statistics of private data): for reports, not releases.
 Writes ``docs/feedback_control.csv`` (one line per run and round) and prints a summary.
