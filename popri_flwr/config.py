@@ -169,8 +169,8 @@ class EvaluationConfig:
     fid: bool = True
     max_eval_texts: int = 2000
     #: POPri diagnostics: this many fixed prompts (x samples_per_prompt), sampled after every
-    #: round with the same seeds, so the change of ``fid_probe`` from round to round is the
-    #: generator's alone (the round's own prompts are new each round). 0 = off.
+    #: round with the same seeds, so ``fid_probe`` does not move with the prompts (the round's
+    #: own are new each round); it still carries FID's sampling noise. 0 = off.
     probe_prompts: int = 0
     #: POPri diagnostics: the generator's own next-token loss and accuracy on this many
     #: held-out private texts (``generator_loss``), after every round. Deterministic given the

@@ -132,11 +132,10 @@ class PopriStrategy(PrivateStrategy):
         self.sampling, self.payload, self.embedder_name = sampling, payload, embedder_name
         self.eval_embeddings = eval_embeddings
         self.probe_prompts = probe_prompts
-        self._probe_last: dict[str, float] | None = None
         self._gen_eval = None
         if generator_eval_texts:
             self._gen_eval = encode_for_lm(list(generator_eval_texts), tokenizer, GEN_EVAL_LEN)
-        self._gen_eval_last: dict[str, float] | None = None
+        self._measured_last: dict[str, float] = {}  # the generator measures of the last round
         self.public_texts: list[str] = []
         self.prompts: list[str] = []
         self.samples: list[str] = []
@@ -236,10 +235,8 @@ class PopriStrategy(PrivateStrategy):
             self.public_texts = self._load_or_build_public_set()
         if finished_round:
             self._load_adapter(finished_round)
-        if self._probing:  # the generator as it stands, for the first round's change
-            self._probe_last = self.probe()
-        if self._gen_eval is not None:
-            self._gen_eval_last = self.generator_eval()
+        # The generator as it stands, so that the next round's measures have a change too.
+        self._measured_last = self._measure_generator()
         nxt = finished_round + 1
         path = self.run_dir.samples_path(nxt)
         if path.exists():
@@ -390,21 +387,11 @@ class PopriStrategy(PrivateStrategy):
         order the noise-free sum agrees with: ``clean[chosen] > clean[rejected]``. It needs
         the un-noised sum, which only a simulation with diagnostics keeps.
         """
-        out: dict[str, Any] = {}
-        if self._probing:
-            probe = self.probe()
-            out.update(probe)
-            if self._probe_last is not None:
-                out["fid_probe_change"] = probe["fid_probe"] - self._probe_last["fid_probe"]
-            self._probe_last = probe
-        if self._gen_eval is not None:
-            now = self.generator_eval()
-            out.update(now)
-            if self._gen_eval_last is not None:
-                out["generator_loss_change"] = (
-                    now["generator_loss"] - self._gen_eval_last["generator_loss"]
-                )
-            self._gen_eval_last = now
+        out: dict[str, Any] = self._measure_generator()
+        for key in ("fid_probe", "generator_loss"):
+            if key in out and key in self._measured_last:
+                out[f"{key}_change"] = out[key] - self._measured_last[key]
+        self._measured_last = dict(out)
         pairs = getattr(self, "_pairs", None)
         if self._clean_sum is not None and pairs is not None and len(pairs):
             out["recovery"] = pair_recovery(
@@ -421,9 +408,14 @@ class PopriStrategy(PrivateStrategy):
             "diversity_next": nxt["diversity"],
         }
 
-    @property
-    def _probing(self) -> bool:
-        return bool(self.probe_prompts) and self.eval_embeddings is not None
+    def _measure_generator(self) -> dict[str, float]:
+        """The enabled measures of the generator itself: :meth:`probe`, :meth:`generator_eval`."""
+        out: dict[str, float] = {}
+        if self.probe_prompts and self.eval_embeddings is not None:
+            out.update(self.probe())
+        if self._gen_eval is not None:
+            out.update(self.generator_eval())
+        return out
 
     def _distance_to_eval(self, emb: np.ndarray) -> dict[str, float]:
         """FID, similarity and diversity of sample embeddings against held-out private text.
