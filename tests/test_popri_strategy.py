@@ -257,6 +257,10 @@ def test_probe_and_generator_eval_measure_the_generator_alone(cfg, tmp_path, mon
     assert diag["generator_loss"] != base_loss
     assert diag["generator_loss_change"] == pytest.approx(diag["generator_loss"] - base_loss)
     assert strategy.generator_eval()["generator_loss"] == diag["generator_loss"]
+    # Timed on held-out private text: its seconds are a diagnostic, not in the release.
+    (record,) = RunDirectory(tmp_path / "run").read_jsonl(tmp_path / "run" / "rounds.jsonl")
+    assert "generator_eval" in diag["seconds"] and "dpo" in record["seconds"]
+    assert not {"generator_eval", "probe", "evaluate"} & record["seconds"].keys()
     with pytest.raises(ValueError, match="^evaluation.probe_prompts: must be >= 0"):
         _strategy(tmp_path / "bad", 0.0, monkeypatch, probe_prompts=-1)
 

@@ -81,17 +81,26 @@ def record_nbytes(record: RecordDict) -> int:
 
 
 class PhaseTimer:
-    """Seconds spent per named phase of a round (``with timer("dpo"): ...``)."""
+    """Seconds spent per named phase of a round (``with timer("dpo"): ...``).
+
+    ``inside[phase]`` names the phases a phase was ever timed within, so that a phase nested
+    in one whose duration is private (client-dependent) is kept out of the release too.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.inside: dict[str, set[str]] = {}
+        self._open: list[str] = []
 
     @contextmanager
     def __call__(self, phase: str):
+        self.inside.setdefault(phase, set()).update(self._open)
+        self._open.append(phase)
         start = time.perf_counter()
         try:
             yield
         finally:
+            self._open.pop()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def summary(self) -> str:
@@ -675,7 +684,7 @@ class PrivateStrategy(Strategy):
         server_phases = {
             k: round(v, 3)
             for k, v in self.timer.seconds.items()
-            if k not in _CLIENT_DEPENDENT_PHASES
+            if not ({k} | self.timer.inside.get(k, set())) & set(_CLIENT_DEPENDENT_PHASES)
         }
         return {
             "round": rnd,
@@ -732,7 +741,8 @@ def eval_embeddings_for(
 #: Seconds between pulls for replies (Flower's own loop sleeps 3 s on the HTTP grid).
 _POLL_SECONDS = 0.2
 
-#: Phases whose duration depends on the sampled clients (how many, how much data).
+#: Phases whose duration depends on the sampled clients (how many, how much data) or on
+#: held-out private text (evaluation); phases timed within them count as theirs.
 _CLIENT_DEPENDENT_PHASES = ("clients", "aggregate", "evaluate")
 
 
