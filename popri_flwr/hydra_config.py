@@ -129,6 +129,8 @@ def _type_name(err: Exception) -> str:
             return short
     if "valid bool" in text:
         return "bool"
+    if "not a ListConfig" in text:  # ref/object type are then the enclosing dataclass
+        return "a list, e.g. [a,b]"
     return getattr(ref, "__name__", str(ref)) if ref else "another type"
 
 

@@ -47,6 +47,19 @@ def test_bad_values_name_the_key(override, key):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["dpo.loss_type", "dpo.lora_target_modules"])
+def test_a_list_key_given_one_word_says_a_list_is_expected(key):
+    with pytest.raises(ConfigError, match=rf"^{key}: expected a list, e.g. \[a,b\], got 'sft'$"):
+        load_config([f"{key}=sft"])
+
+
+def test_dpo_loss_terms_compose():
+    cfg = load_config(["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1,0.5]"])
+    assert (cfg.dpo.loss_type, cfg.dpo.loss_weights) == (("sigmoid", "sft"), (1.0, 0.5))
+    with pytest.raises(ConfigError, match=r"^dpo.loss_weights: .*one weight"):
+        load_config(["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1]"])
+
+
 def test_chat_prompts_need_a_description():
     assert load_config(["strategy.prompt_style=chat"]).strategy.prompt_style == "chat"
     with pytest.raises(ConfigError, match="^public_set.description: must be set for strategy"):

@@ -7,6 +7,7 @@ individual tests check, so the expensive part runs once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -65,8 +66,9 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(env) if env else tmp_path_factory.getbasetemp() / "popri_cache"
 
 
-def _completion_logp(model, tok, prompt: str, completion: str) -> float:
-    """Sum of log p(completion | prompt), tokenized as TRL does (EOS appended, common prefix)."""
+def _completion_logp(model, tok, prompt: str, completion: str, count: bool = False):
+    """Sum of log p(completion | prompt), tokenized as TRL does (EOS appended, common prefix);
+    with ``count``, also the number of completion tokens."""
     prompt_ids = tok(prompt)["input_ids"]
     ids = tok(prompt + completion + tok.eos_token)["input_ids"]
     pairs = zip(prompt_ids, ids, strict=False)
@@ -74,7 +76,8 @@ def _completion_logp(model, tok, prompt: str, completion: str) -> float:
     x = torch.tensor([ids])
     logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)
     tok_logp = logp.gather(-1, x[0, 1:, None])[:, 0]
-    return float(tok_logp[n - 1 :].sum())
+    part = tok_logp[n - 1 :]
+    return (float(part.sum()), len(part)) if count else float(part.sum())
 
 
 @torch.no_grad()
@@ -231,6 +234,23 @@ def test_save_load_round_trip(run, tmp_path, tmp_path_factory):
         )
 
 
+def test_sft_term_adds_the_chosen_sides_mean_nll(run, tmp_path_factory):
+    # dpo.loss_type=[sigmoid, sft] (RPO): TRL's first-step loss is DPO's log 2 (policy ==
+    # reference) plus weight x the mean NLL per token of the chosen completions (EOS included),
+    # which we compute by hand on the base model.
+    model, tok = load_causal_lm(cache_dir=_cache_dir(tmp_path_factory), device="cpu")
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for p in PAIRS:
+            logp, n = _completion_logp(model, tok, p["prompt"], p["chosen"], count=True)
+            nll, tokens = nll - logp, tokens + n
+    cfg = dataclasses.replace(run.cfg, loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5))
+    step = DPOStep(model, tok, cfg)
+    m = step.train_round(PAIRS)
+    assert m["loss"] == pytest.approx(math.log(2) + 0.5 * nll / tokens, rel=2e-3)
+    assert nll / tokens > 1.0  # the SFT term is large enough for the check to see it
+
+
 def test_load_rejects_missing_checkpoint(run, tmp_path):
     with pytest.raises(ValueError, match="not a DPOStep checkpoint"):
         run.step.load(tmp_path)
@@ -271,6 +291,12 @@ def test_rejects_a_model_that_already_has_an_adapter(run):
         ("device", "tpu"),
         ("seed", -1),
         ("bf16", "yes"),
+        ("loss_type", ()),
+        ("loss_type", ("dpo",)),
+        ("loss_type", "sft"),
+        ("loss_weights", (1.0, 1.0)),
+        ("loss_weights", (0.0,)),
+        ("loss_weights", (float("nan"),)),
     ],
 )
 def test_bad_config_raises_key_named_error(key, value):

@@ -56,6 +56,8 @@ from popri_flwr.models.loading import native_bf16, resolve_device
 logger = logging.getLogger(__name__)
 
 _ADAPTER = "default"
+# TRL's loss terms that need no extra model outputs or settings (the pairwise family and SFT).
+LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "sft")
 _STATE_FILE = "dpo_state.json"
 
 
@@ -93,6 +95,13 @@ class DPOStepConfig:
         ``tests/test_dpo_reference.py``). ``false`` for float32-exact runs.
     gradient_checkpointing
         Trade compute for memory (off: the default model is small).
+    loss_type, loss_weights
+        TRL's loss terms and their weights (``None``: 1 each), summed. ``["sigmoid"]`` is DPO.
+        ``["sigmoid", "sft"]`` adds the mean negative log-likelihood of the chosen completion
+        (RPO, Pang et al. 2024; TRL's ``rpo_alpha`` of old): DPO alone can lower the likelihood
+        of both sides of a pair, and the SFT term holds the chosen side up. On samples drawn at
+        temperature 1 its expected gradient on random pairs is zero, so what it learns comes
+        from which sample the clients chose.
     precompute_ref_log_probs
         Compute the reference (base model) log-probabilities of a round's pairs once, in one
         no-grad pass before training, instead of a reference forward at every step. The
@@ -125,10 +134,16 @@ class DPOStepConfig:
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     precompute_ref_log_probs: bool = True
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.lora_target_modules, str):  # a bare string is an error, below
             self.lora_target_modules = tuple(self.lora_target_modules)
+        if not isinstance(self.loss_type, str):
+            self.loss_type = tuple(self.loss_type)
+        if self.loss_weights is not None and not isinstance(self.loss_weights, str):
+            self.loss_weights = tuple(self.loss_weights)
         self.validate()
 
     def validate(self) -> None:
@@ -164,6 +179,24 @@ class DPOStepConfig:
             ("bf16", bf16 is None or isinstance(bf16, bool), "expected true, false or null"),
             ("gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "a bool"),
             ("precompute_ref_log_probs", isinstance(self.precompute_ref_log_probs, bool), "a bool"),
+            (
+                "loss_type",
+                isinstance(self.loss_type, tuple)
+                and len(self.loss_type) > 0
+                and all(t in LOSS_TYPES for t in self.loss_type),
+                f"must be a non-empty list of {', '.join(LOSS_TYPES)}",
+            ),
+            (
+                "loss_weights",
+                self.loss_weights is None
+                or (
+                    isinstance(self.loss_weights, tuple)
+                    and len(self.loss_weights) == len(self.loss_type)
+                    and all(_real(w) and w >= 0 for w in self.loss_weights)
+                    and any(w > 0 for w in self.loss_weights)
+                ),
+                "must be null or one weight >= 0 per loss_type entry (not all 0)",
+            ),
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -308,6 +341,8 @@ class DPOStep:
             args = DPOConfig(
                 output_dir=str(workdir),
                 beta=cfg.beta,
+                loss_type=list(cfg.loss_type),
+                loss_weights=None if cfg.loss_weights is None else list(cfg.loss_weights),
                 learning_rate=cfg.learning_rate,  # informational: the optimizer is ours
                 per_device_train_batch_size=cfg.per_device_batch_size,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
