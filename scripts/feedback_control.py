@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import learning_sweep  # scripts/, on the path when run as a script
 import numpy as np
 import pandas as pd
 import yaml
@@ -52,15 +50,9 @@ COLUMNS = (
 
 
 def launch(path: Path, overrides: list[str], texts: int, seed: int) -> None:
-    """``popri-run experiment=demo`` into ``path`` (resumes if started)."""
-    cmd = [
-        sys.executable, "-m", "popri_flwr.cli.run", "experiment=demo", *overrides,
-        f"evaluation.generator_eval_texts={texts}", f"seed={seed}", f"run_dir={path}",
-    ]  # fmt: skip
-    print(f"[control] {path.name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    print(f"[control] {path.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    """``popri-run experiment=demo`` into ``path`` (resumes if started), 3 rounds."""
+    overrides = [*overrides, f"evaluation.generator_eval_texts={texts}"]
+    learning_sweep.run(path.name, overrides, rounds=3, out=path.parent, seed=seed)
 
 
 def read_run(path: Path) -> list[dict]:
@@ -96,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         if arm is None or not (path / "rounds.jsonl").exists():
             continue
         run_tag = name[: -len(arm)].rstrip("_")
-        lr = yaml.safe_load((path / "config.yaml").read_text())["dpo"]["learning_rate"]
+        dpo = yaml.safe_load((path / "config.yaml").read_text())["dpo"]
+        loss = ",".join(dpo.get("loss_type", ["sigmoid"]))
+        what = f"dpo.learning_rate={dpo['learning_rate']}"
+        what += "" if loss == "sigmoid" else f" dpo.loss_type=[{loss}]"
         for r in read_run(path):
             if pd.isna(r.get("generator_loss_change")):
                 continue
@@ -104,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "tag": run_tag, "arm": arm, "run": int(i), "round": r["round"],
                     **{c: r.get(c) for c in COLUMNS[4:-1]},
-                    "overrides": f"dpo.learning_rate={lr}",
+                    "overrides": what,
                 }
             )  # fmt: skip
     args.csv.parent.mkdir(parents=True, exist_ok=True)
