@@ -91,7 +91,17 @@ def loss_after(cfg, pairs: list[dict[str, str]] | None, ids, mask) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", nargs="+", type=Path, required=True, help="finished run dirs")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        required=True,
+        help="finished run dirs; DIR@R takes round R's pairs of that run instead of --round's",
+    )
+    parser.add_argument(
+        "--pool", action="store_true",
+        help="train on all the runs' pairs together, as one round (one line)",
+    )  # fmt: skip
     parser.add_argument(
         "--setting", action="append", default=[], metavar="NAME=OVERRIDES",
         help="a DPO setting: a name and space-separated Hydra overrides on top of "
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 writer.writerow(row)
                 fh.flush()
                 print(
-                    f"{name:12s} {source:14s} r{args.round} change {fwd:+.4f} "
+                    f"{name:12s} {source:14s} change {fwd:+.4f} "
                     f"reversed {rev:+.4f} signal {row['signal']:+.4f} drift {row['drift']:+.4f} "
                     f"({row['seconds']:.0f} s)",
                     flush=True,
@@ -159,10 +169,17 @@ def main(argv: list[str] | None = None) -> None:
 def pair_sources(args: argparse.Namespace, cfg) -> list[tuple[str, Callable]]:
     """(name, reject_rank -> pairs): the runs' released pairs, or fresh cohorts' (``--cohort``)."""
     if not args.cohort:
-        return [
-            (run.name, lambda rank, run=run: round_pairs(run, rank, args.round))
-            for run in args.runs
+        runs = []
+        for run in args.runs:
+            path, _, rnd = str(run).partition("@")
+            runs.append((Path(path), int(rnd or args.round)))
+        sources = [
+            (f"{p.name}@{r}", lambda rank, p=p, r=r: round_pairs(p, rank, r)) for p, r in runs
         ]
+        if args.pool:
+            name = "+".join(n for n, _ in sources)
+            return [(name, lambda rank: [x for _, f in sources for x in f(rank)])]
+        return sources
     from popri_flwr.algorithms.scoring import centroid  # noqa: I001 (cohort mode only)
     from popri_flwr.models.embedding import get_embedder
 
