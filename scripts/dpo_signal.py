@@ -45,11 +45,16 @@ FIELDS = ("setting", "overrides", "run", "round", "pairs", "base_loss", "change"
           "signal", "drift", "seconds")  # fmt: skip
 
 
-def round_pairs(run_dir: Path, reject_rank: int, rnd: int = 1) -> list[dict[str, str]]:
-    """The preference pairs of round ``rnd`` of a finished run, from its released samples."""
+def read_round(run_dir: Path, rnd: int) -> tuple[list[dict], int]:
+    """Round ``rnd``'s released samples of a run, prompt-major, and the samples per prompt."""
     rows = [json.loads(line) for line in (run_dir / "samples" / f"round_{rnd:03d}.jsonl").open()]
     rows.sort(key=lambda r: (r["prompt_id"], r["sample_id"]))
-    j = len(rows) // len({r["prompt_id"] for r in rows})  # samples per prompt
+    return rows, len(rows) // len({r["prompt_id"] for r in rows})
+
+
+def round_pairs(run_dir: Path, reject_rank: int, rnd: int = 1) -> list[dict[str, str]]:
+    """The preference pairs of round ``rnd`` of a finished run, from its released samples."""
+    rows, j = read_round(run_dir, rnd)
     prompts = [r["prompt"] for r in rows[::j]]
     scores = np.array([r["noisy_score"] for r in rows])
     pairs = build_pairs(prompts, [r["text"] for r in rows], scores, j, reject_rank)
@@ -68,9 +73,7 @@ def cohort_pairs(
 ) -> list[dict[str, str]]:
     """Pairs of round ``rnd``'s samples scored afresh by ``size`` random clients (noise-free sum,
     plus Gaussian noise ``sigma`` x clip norm 1 if ``sigma`` > 0), as POPri's clients score."""
-    rows = [json.loads(line) for line in (run_dir / "samples" / f"round_{rnd:03d}.jsonl").open()]
-    rows.sort(key=lambda r: (r["prompt_id"], r["sample_id"]))
-    j = len(rows) // len({r["prompt_id"] for r in rows})
+    rows, j = read_round(run_dir, rnd)
     texts = [r["text"] for r in rows]
     members = rng.choice(len(centroids), size=min(size, len(centroids)), replace=False)
     total = score_matrix(embedder.embed(texts), centroids[members], 1.0).sum(axis=0)
