@@ -39,6 +39,8 @@ from popri_flwr.evaluation.downstream import encode_for_lm, evaluate_lm
 from popri_flwr.hydra_config import load_config
 from popri_flwr.models.dpo import DPOStep
 from popri_flwr.models.loading import load_causal_lm
+from popri_flwr.privacy.aggregation import add_noise
+from popri_flwr.privacy.randomness import secret_rng
 from popri_flwr.strategies.popri import GEN_EVAL_LEN
 
 FIELDS = ("setting", "overrides", "run", "round", "pairs", "base_loss", "change", "change_reversed",
@@ -77,19 +79,23 @@ def cohort_pairs(
     texts = [r["text"] for r in rows]
     members = rng.choice(len(centroids), size=min(size, len(centroids)), replace=False)
     total = score_matrix(embedder.embed(texts), centroids[members], 1.0).sum(axis=0)
-    total = total + sigma * rng.standard_normal(len(total))
+    total = add_noise(total, sigma, rng)  # clip norm 1: noise std = sigma, as POPri releases
     pairs = build_pairs([r["prompt"] for r in rows[::j]], texts, total, j, reject_rank)
     return pairs.as_records()
 
 
-def loss_after(cfg, pairs: list[dict[str, str]] | None, ids, mask) -> float:
-    """Held-out loss of the base model after one DPO round on ``pairs`` (None: untrained)."""
+def held_out_loss(model, ids, mask) -> float:
+    """The generator's next-token loss on the held-out texts, as ``generator_eval`` measures it."""
+    return evaluate_lm(model, ids, mask, batch_size=16, bf16=False)["loss"]
+
+
+def loss_after(cfg, pairs: list[dict[str, str]], ids, mask) -> float:
+    """Held-out loss of a fresh base model after one DPO round on ``pairs``."""
     g = cfg.generation
     model, tok = load_causal_lm(g.model, device="cpu", cache_dir=g.cache_dir)
     step = DPOStep(model, tok, cfg.dpo)
-    if pairs:
-        step.train_round(pairs)
-    return evaluate_lm(step.model, ids, mask, batch_size=16, bf16=False)["loss"]
+    step.train_round(pairs)
+    return held_out_loss(step.model, ids, mask)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,9 +138,11 @@ def main(argv: list[str] | None = None) -> None:
 
     base_cfg = load_config(["experiment=demo"])
     texts = load_federation(base_cfg.data).eval_sample(args.texts, base_cfg.seed)
-    tok = load_causal_lm(base_cfg.generation.model, cache_dir=base_cfg.generation.cache_dir)[1]
+    g = base_cfg.generation
+    model, tok = load_causal_lm(g.model, device="cpu", cache_dir=g.cache_dir)
     ids, mask = encode_for_lm(texts, tok, GEN_EVAL_LEN)
-    base = loss_after(base_cfg, None, ids, mask)
+    base = held_out_loss(model, ids, mask)
+    del model
     print(f"base model: held-out loss {base:.4f} on {len(texts)} texts", flush=True)
 
     sources = pair_sources(args, base_cfg)
@@ -191,7 +199,7 @@ def pair_sources(args: argparse.Namespace, cfg) -> list[tuple[str, Callable]]:
     ids = list(fed.client_ids)
     print(f"embedding the private texts of {len(ids)} clients", flush=True)
     cents = np.stack([centroid(embedder.embed(fed.train_texts(c))) for c in ids])
-    rng = np.random.default_rng()  # a diagnostic: no seed to reproduce, like the run's noise
+    rng = secret_rng()  # cohorts and noise as the run draws them: fresh OS entropy
     out = []
     for spec in args.cohort:
         name, _, rest = spec.partition("=")
