@@ -66,17 +66,21 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(env) if env else tmp_path_factory.getbasetemp() / "popri_cache"
 
 
-def _completion_logp(model, tok, prompt: str, completion: str, count: bool = False):
-    """Sum of log p(completion | prompt), tokenized as TRL does (EOS appended, common prefix);
-    with ``count``, also the number of completion tokens."""
+def _completion_token_logps(model, tok, prompt: str, completion: str) -> torch.Tensor:
+    """log p of each completion token given the prompt, tokenized as TRL does (EOS appended,
+    common prefix); carries the gradient."""
     prompt_ids = tok(prompt)["input_ids"]
     ids = tok(prompt + completion + tok.eos_token)["input_ids"]
     pairs = zip(prompt_ids, ids, strict=False)
     n = next((i for i, (a, b) in enumerate(pairs) if a != b), len(prompt_ids))
     x = torch.tensor([ids])
     logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)
-    tok_logp = logp.gather(-1, x[0, 1:, None])[:, 0]
-    part = tok_logp[n - 1 :]
+    return logp.gather(-1, x[0, 1:, None])[n - 1 :, 0]
+
+
+def _completion_logp(model, tok, prompt: str, completion: str, count: bool = False):
+    """Sum of log p(completion | prompt); with ``count``, also the number of its tokens."""
+    part = _completion_token_logps(model, tok, prompt, completion)
     return (float(part.sum()), len(part)) if count else float(part.sum())
 
 
@@ -251,6 +255,41 @@ def test_sft_term_adds_the_chosen_sides_mean_nll(run, tmp_path_factory):
     assert nll / tokens > 1.0  # the SFT term is large enough for the check to see it
 
 
+def test_sgd_step_is_learning_rate_times_the_dpo_gradient(run, tmp_path_factory):
+    # dpo.optim=sgd: one step moves the adapter by exactly -lr x the gradient of DPO's loss,
+    # mean_i -log sigmoid(beta * [(log pi - log ref)(chosen_i) - (same)(rejected_i)]), which we
+    # differentiate by hand (reference = adapter off, detached). AdamW would move every weight
+    # by ~lr whatever its gradient.
+    model, tok = load_causal_lm(cache_dir=_cache_dir(tmp_path_factory), device="cpu")
+    lr = 0.5
+    cfg = dataclasses.replace(run.cfg, optim="sgd", learning_rate=lr, warmup_steps=0)
+    step = DPOStep(model, tok, cfg)
+    assert isinstance(step.optimizer, torch.optim.SGD)
+    pm = step.model
+    with torch.no_grad(), pm.disable_adapter():
+        ref = [[_completion_logp(pm, tok, p["prompt"], p[k]) for k in ("chosen", "rejected")]
+               for p in PAIRS]  # fmt: skip
+    loss = 0.0
+    for p, (ref_c, ref_r) in zip(PAIRS, ref, strict=True):
+        pol_c = _completion_token_logps(pm, tok, p["prompt"], p["chosen"]).sum()
+        pol_r = _completion_token_logps(pm, tok, p["prompt"], p["rejected"]).sum()
+        margin = (pol_c - ref_c) - (pol_r - ref_r)
+        loss = loss - torch.nn.functional.logsigmoid(BETA * margin) / len(PAIRS)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in pm.named_parameters() if "lora_B" in n}
+    pm.zero_grad(set_to_none=True)
+    before = _lora_state(step)
+    step.train_round(PAIRS)
+    after = _lora_state(step)
+    for name, g in grads.items():
+        assert g.abs().max() > 0
+        tol = 1e-3 * lr * float(g.abs().max())  # batched (padded) vs one-by-one float32 rounding
+        torch.testing.assert_close(after[name] - before[name], -lr * g, rtol=2e-3, atol=tol)
+    for name in before:  # lora_A: zero gradient while B = 0, so SGD leaves it
+        if "lora_A" in name:
+            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+
+
 def test_load_rejects_missing_checkpoint(run, tmp_path):
     with pytest.raises(ValueError, match="not a DPOStep checkpoint"):
         run.step.load(tmp_path)
@@ -277,6 +316,7 @@ def test_rejects_a_model_that_already_has_an_adapter(run):
         ("beta", 0.0),
         ("learning_rate", -1e-6),
         ("learning_rate", float("nan")),
+        ("optim", "adam"),
         ("warmup_steps", -1),
         ("per_device_batch_size", 0),
         ("gradient_accumulation_steps", 0),

@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 _ADAPTER = "default"
 # TRL's loss terms that need no extra model outputs or settings (the pairwise family and SFT).
 LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "sft")
+# Optimizers by transformers' ``TrainingArguments.optim`` names.
+OPTIMIZERS = ("adamw_torch", "sgd")
 _STATE_FILE = "dpo_state.json"
 
 
@@ -70,7 +72,13 @@ class DPOStepConfig:
     beta
         DPO temperature.
     learning_rate
-        Peak AdamW learning rate (after warmup).
+        Peak learning rate (after warmup).
+    optim
+        ``"adamw_torch"`` (transformers' default: AdamW, no weight decay) or ``"sgd"`` (plain
+        SGD, no momentum). AdamW's first steps move every adapter weight by ~``learning_rate``
+        whatever the size of its gradient (the update is ~ sign(g)); SGD's step is
+        ``learning_rate * g``, so weights the pairs say little about stay put. SGD needs a much
+        larger ``learning_rate``.
     warmup_steps
         Linear warmup over this many optimizer steps, counted across rounds (not per round).
     per_device_batch_size, gradient_accumulation_steps
@@ -111,6 +119,7 @@ class DPOStepConfig:
 
     beta: float = 0.01
     learning_rate: float = 8e-7
+    optim: str = "adamw_torch"
     warmup_steps: int = 10
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 3
@@ -153,6 +162,7 @@ class DPOStepConfig:
         checks: list[tuple[str, bool, str]] = [
             ("beta", _positive(self.beta), "must be > 0"),
             ("learning_rate", _positive(self.learning_rate), "must be > 0"),
+            ("optim", self.optim in OPTIMIZERS, f"expected one of {', '.join(OPTIMIZERS)}"),
             ("warmup_steps", _int(self.warmup_steps, 0), "must be an integer >= 0"),
             ("per_device_batch_size", _int(self.per_device_batch_size, 1), pos_int),
             ("gradient_accumulation_steps", _int(self.gradient_accumulation_steps, 1), pos_int),
@@ -271,8 +281,11 @@ class DPOStep:
         self._forward_snapshot = [_snapshot_forward(m) for m in self._forward_owners]
 
         params = [p for p in self._model.parameters() if p.requires_grad]
-        # Trainer's default AdamW settings (no weight decay), built once so its moments persist.
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        # Built once so its state (AdamW's moments) persists; AdamW as Trainer's default (no decay).
+        if config.optim == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=config.learning_rate)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
         warmup = config.warmup_steps
 
         def warmup_then_constant(step: int) -> float:
