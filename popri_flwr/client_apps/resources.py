@@ -7,7 +7,10 @@ clipped vector per sampled member.
 
 One Ray actor serves many simulated nodes, so caches are keyed by the data (a file, or the
 federation and the client's index). In a real deployment each message may start a fresh
-process, and the caches simply start empty.
+process, and the caches simply start empty. A client's centroid (one vector) is kept for the
+life of the process; its text embeddings (texts x dim) only up to ``POPRI_EMBEDDING_CACHE_MB``
+per process (default 512), least recently used dropped first, so an actor that serves a
+federation of many thousand clients does not grow without bound.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -29,8 +34,57 @@ from popri_flwr.models.embedding import Embedder, get_embedder
 
 logger = logging.getLogger(__name__)
 
+EMBEDDING_CACHE_ENV = "POPRI_EMBEDDING_CACHE_MB"
+
+
+class ArrayCache:
+    """Arrays by key, least recently used dropped first once they hold more than a byte budget.
+
+    The budget is read from ``budget_env`` (MiB) at every insert, so it can be changed in a
+    running process; the newest entry is always kept, whatever its size.
+    """
+
+    def __init__(self, budget_env: str, default_mb: float) -> None:
+        self.budget_env, self.default_mb = budget_env, default_mb
+        self._items: OrderedDict[Any, np.ndarray] = OrderedDict()
+        self.nbytes = 0
+
+    def budget(self) -> int:
+        raw = os.environ.get(self.budget_env, "")
+        try:
+            mb = float(raw) if raw else self.default_mb
+        except ValueError:
+            raise ValueError(f"{self.budget_env}: expected a number of MiB, got {raw!r}") from None
+        if not mb >= 0:
+            raise ValueError(f"{self.budget_env}: expected a number of MiB >= 0, got {raw!r}")
+        return int(mb * 2**20)
+
+    def get(self, key: Any) -> np.ndarray | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: np.ndarray) -> None:
+        old = self._items.pop(key, None)
+        self.nbytes -= 0 if old is None else old.nbytes
+        self._items[key] = value
+        self.nbytes += value.nbytes
+        budget = self.budget()
+        while self.nbytes > budget and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
 _TEXTS: dict[str, list[str]] = {}
-_EMBEDDINGS: dict[tuple[str, str], np.ndarray] = {}
+_EMBEDDINGS = ArrayCache(EMBEDDING_CACHE_ENV, default_mb=512)
 _CENTROIDS: dict[tuple[str, str], np.ndarray] = {}
 _COHORTS: dict[str, Cohort] = {}
 
@@ -41,13 +95,18 @@ class NodeData:
 
     key: str
     texts: list[str] = field(repr=False)
+    fixed_embeddings: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def embeddings(self, embedder_name: str) -> np.ndarray:
-        """Embeddings of the texts, computed once per (client, embedder)."""
+        """Embeddings of the texts by ``embedder_name`` (cached, see the module docstring)."""
+        if embedder_name in self.fixed_embeddings:
+            return self.fixed_embeddings[embedder_name]
         key = (self.key, embedder_name)
-        if key not in _EMBEDDINGS:
-            _EMBEDDINGS[key] = embedder(embedder_name).embed(self.texts)
-        return _EMBEDDINGS[key]
+        emb = _EMBEDDINGS.get(key)
+        if emb is None:
+            emb = embedder(embedder_name).embed(self.texts)
+            _EMBEDDINGS.put(key, emb)
+        return emb
 
     def centroid(self, embedder_name: str) -> np.ndarray:
         """Mean embedding of the texts (float64; zeros for a client without texts)."""
@@ -59,8 +118,7 @@ class NodeData:
     @classmethod
     def from_embeddings(cls, key: str, embedder_name: str, embeddings: np.ndarray) -> NodeData:
         """A client known only by its embeddings (benchmarks with synthetic clients)."""
-        _EMBEDDINGS[(key, embedder_name)] = np.asarray(embeddings)
-        return cls(key, [])
+        return cls(key, [], {embedder_name: np.asarray(embeddings)})
 
 
 @dataclass
@@ -97,15 +155,25 @@ class Cohort:
         return [self.members[int(i)] for i in indices]
 
     def centroids(self, embedder_name: str, indices: Sequence[int]) -> np.ndarray:
-        """``(len(indices), d)`` float64 centroids; missing ones embedded in one batch."""
+        """``(len(indices), d)`` float64 centroids; missing ones embedded in one batch.
+
+        Only the centroids are kept: the members' text embeddings are not needed again.
+        """
         chosen = self.select(indices)
-        todo = [m for m in chosen if (m.key, embedder_name) not in _EMBEDDINGS]
+        todo = [
+            m
+            for m in chosen
+            if (m.key, embedder_name) not in _CENTROIDS
+            and embedder_name not in m.fixed_embeddings
+            and _EMBEDDINGS.get((m.key, embedder_name)) is None
+        ]
         if todo:
             flat = [t for m in todo for t in m.texts]
             emb = embedder(embedder_name).embed(flat)  # (0, d) when nobody has texts
             start = 0
             for m in todo:
-                _EMBEDDINGS[(m.key, embedder_name)] = emb[start : start + len(m.texts)]
+                part = emb[start : start + len(m.texts)]
+                _CENTROIDS[(m.key, embedder_name)] = centroid(part)
                 start += len(m.texts)
         return np.stack([m.centroid(embedder_name) for m in chosen])
 
