@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--pool", action="store_true",
-        help="train on all the runs' pairs together, as one round (one line)",
+        help="train on all the runs' pairs together, as one round (one line; with --cohort: "
+        "every run's samples, each scored by its own fresh cohort)",
     )  # fmt: skip
     parser.add_argument(
         "--setting", action="append", default=[], metavar="NAME=OVERRIDES",
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=SIZE[:SIGMA]",
         help="instead of the run's released scores: score its samples afresh with SIZE random "
         "clients of the federation (all: every client), noise-free or with noise multiplier "
-        "SIGMA; one line per --draws draw, with the first --runs dir's samples (repeatable)",
+        "SIGMA; one line per --draws draw, with the first --runs dir's samples (all of them "
+        "with --pool) (repeatable)",
     )
     parser.add_argument("--draws", type=int, default=3, help="draws per --cohort (default 3)")
     parser.add_argument("--texts", type=int, default=100, help="held-out texts (default 100)")
@@ -179,11 +181,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def pair_sources(args: argparse.Namespace, cfg) -> list[tuple[str, Callable]]:
     """(name, reject_rank -> pairs): the runs' released pairs, or fresh cohorts' (``--cohort``)."""
+    runs = []
+    for run in args.runs:
+        path, _, rnd = str(run).partition("@")
+        runs.append((Path(path), int(rnd or args.round)))
     if not args.cohort:
-        runs = []
-        for run in args.runs:
-            path, _, rnd = str(run).partition("@")
-            runs.append((Path(path), int(rnd or args.round)))
         sources = [
             (f"{p.name}@{r}", lambda rank, p=p, r=r: round_pairs(p, rank, r)) for p, r in runs
         ]
@@ -201,6 +203,7 @@ def pair_sources(args: argparse.Namespace, cfg) -> list[tuple[str, Callable]]:
     cents = np.stack([centroid(embedder.embed(fed.train_texts(c))) for c in ids])
     rng = secret_rng()  # cohorts and noise as the run draws them: fresh OS entropy
     out = []
+    scored = runs if args.pool else runs[:1]  # --pool: every run's samples, one fresh cohort each
     for spec in args.cohort:
         name, _, rest = spec.partition("=")
         size, _, sigma = rest.partition(":")
@@ -209,9 +212,11 @@ def pair_sources(args: argparse.Namespace, cfg) -> list[tuple[str, Callable]]:
             out.append(
                 (
                     f"{name}_{d}",
-                    lambda rank, n=n, s=float(sigma or 0): cohort_pairs(
-                        args.runs[0], args.round, cents, embedder, n, s, rank, rng
-                    ),
+                    lambda rank, n=n, s=float(sigma or 0): [
+                        x
+                        for p, r in scored
+                        for x in cohort_pairs(p, r, cents, embedder, n, s, rank, rng)
+                    ],
                 )
             )
     return out
