@@ -97,15 +97,17 @@ class NodeData:
     texts: list[str] = field(repr=False)
     fixed_embeddings: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
+    def known_embeddings(self, embedder_name: str) -> np.ndarray | None:
+        """The embeddings if they need no embedding run (fixed, or cached), else ``None``."""
+        fixed = self.fixed_embeddings.get(embedder_name)
+        return fixed if fixed is not None else _EMBEDDINGS.get((self.key, embedder_name))
+
     def embeddings(self, embedder_name: str) -> np.ndarray:
         """Embeddings of the texts by ``embedder_name`` (cached, see the module docstring)."""
-        if embedder_name in self.fixed_embeddings:
-            return self.fixed_embeddings[embedder_name]
-        key = (self.key, embedder_name)
-        emb = _EMBEDDINGS.get(key)
+        emb = self.known_embeddings(embedder_name)
         if emb is None:
             emb = embedder(embedder_name).embed(self.texts)
-            _EMBEDDINGS.put(key, emb)
+            _EMBEDDINGS.put((self.key, embedder_name), emb)
         return emb
 
     def centroid(self, embedder_name: str) -> np.ndarray:
@@ -160,13 +162,8 @@ class Cohort:
         Only the centroids are kept: the members' text embeddings are not needed again.
         """
         chosen = self.select(indices)
-        todo = [
-            m
-            for m in chosen
-            if (m.key, embedder_name) not in _CENTROIDS
-            and embedder_name not in m.fixed_embeddings
-            and _EMBEDDINGS.get((m.key, embedder_name)) is None
-        ]
+        todo = [m for m in chosen if (m.key, embedder_name) not in _CENTROIDS]
+        todo = [m for m in todo if m.known_embeddings(embedder_name) is None]
         if todo:
             flat = [t for m in todo for t in m.texts]
             emb = embedder(embedder_name).embed(flat)  # (0, d) when nobody has texts
