@@ -99,7 +99,9 @@ class StrategyConfig:
     ``shots``, ``prompt_style`` (``list``: the paper's few-shot list to continue; ``chat``: the
     same examples in an instruction, in the generator's chat template, for instruct models) and
     ``payload`` (``embeddings``: the server embeds samples and clients only do a
-    matrix product; ``texts``: clients receive and embed the texts themselves). PE and
+    matrix product; ``texts``: clients receive and embed the texts themselves) and
+    ``replay_rounds`` (DPO also trains on the pairs released in up to this many earlier
+    rounds; post-processing, no privacy cost; 0 = the paper). PE and
     DP-FedAvg read their own typed sections, ``pe`` and ``fedavg``.
     """
 
@@ -110,6 +112,7 @@ class StrategyConfig:
     shots: int = 3
     prompt_style: str = "list"
     payload: str = "embeddings"
+    replay_rounds: int = 0
     #: Private Evolution's own settings (``strategy=pe``).
     pe: PEConfig = field(default_factory=PEConfig)
     #: DP-FedAvg's local training and server step (``strategy=dp_fedavg``).

@@ -88,10 +88,17 @@ def main(argv: list[str] | None = None) -> None:
         if arm is None or not (path / "rounds.jsonl").exists():
             continue
         run_tag = name[: -len(arm)].rstrip("_")
-        dpo = yaml.safe_load((path / "config.yaml").read_text())["dpo"]
+        run_cfg = yaml.safe_load((path / "config.yaml").read_text())
+        dpo, replay = run_cfg["dpo"], run_cfg["strategy"].get("replay_rounds", 0)
         loss = ",".join(dpo.get("loss_type", ["sigmoid"]))
         what = f"dpo.learning_rate={dpo['learning_rate']}"
         what += "" if loss == "sigmoid" else f" dpo.loss_type=[{loss}]"
+        if replay:
+            what += f" strategy.replay_rounds={replay}"
+        if not dpo.get("warm_start", True):
+            what += " dpo.warm_start=false"
+        if dpo.get("steps_per_round"):
+            what += f" dpo.steps_per_round={dpo['steps_per_round']}"
         for r in read_run(path):
             if pd.isna(r.get("generator_loss_change")):
                 continue

@@ -290,6 +290,33 @@ def test_sgd_step_is_learning_rate_times_the_dpo_gradient(run, tmp_path_factory)
             torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
 
 
+def test_cold_rounds_refit_from_the_initial_adapter_in_fixed_steps(run, tmp_path_factory):
+    # dpo.warm_start=false, steps_per_round=1, micro-batches of 2: every round is one step over
+    # all 4 pairs (accumulation 2, not the configured 1) from the initial adapter (same seed,
+    # same A) with a fresh optimizer and warmup (lr/2). So both rounds land exactly where the
+    # warm fixture's first round (one step of 4 at lr/2) did; a warm second round would not.
+    model, tok = load_causal_lm(cache_dir=_cache_dir(tmp_path_factory), device="cpu")
+    cfg = dataclasses.replace(
+        run.cfg,
+        warm_start=False,
+        steps_per_round=1,
+        per_device_batch_size=2,
+        gradient_accumulation_steps=1,  # without steps_per_round: 2 steps of 2 pairs
+    )
+    step = DPOStep(model, tok, cfg)
+    for _ in range(2):
+        m = step.train_round(PAIRS)
+        assert m["steps"] == 1 and m["pairs"] == len(PAIRS)
+        state = _lora_state(step)
+        for name, weights in run.lora1.items():
+            # atol: Adam's first step is lr * g / (|g| + eps); where |g| ~ eps, float rounding
+            # of the batched gradient shows (a warm second round moves B by ~lr more).
+            torch.testing.assert_close(state[name], weights, rtol=1e-3, atol=1e-2 * PEAK_LR)
+        assert _adam_steps(step) == {1.0}  # a fresh AdamW each round
+    assert (step.global_step, step.rounds_trained) == (2, 2)
+    assert max(v.abs().max().item() for n, v in state.items() if "lora_B" in n) > 0
+
+
 def test_load_rejects_missing_checkpoint(run, tmp_path):
     with pytest.raises(ValueError, match="not a DPOStep checkpoint"):
         run.step.load(tmp_path)
@@ -322,6 +349,8 @@ def test_rejects_a_model_that_already_has_an_adapter(run):
         ("gradient_accumulation_steps", 0),
         ("epochs_per_round", 0.0),
         ("max_steps_per_round", 0),
+        ("steps_per_round", 0),
+        ("warm_start", "no"),
         ("lora_r", 0),
         ("lora_alpha", 0),
         ("lora_dropout", 1.0),

@@ -17,6 +17,7 @@ import torch
 from fakegrid import FakeGrid, set_task_identity
 from flwr.app import Context, Message, RecordDict
 
+from popri_flwr.algorithms.preference import pairs_from_rows
 from popri_flwr.algorithms.prompts import chat_prompt
 from popri_flwr.client_apps.app import make_client_app
 from popri_flwr.hydra_config import load_config
@@ -179,6 +180,27 @@ def test_pairs_follow_the_noisy_sum(cfg, tmp_path, monkeypatch, sigma):
     else:
         assert strategy.differentially_private
         assert np.abs(release).max() > 1.5  # N(0, 9) noise on 6 entries, far beyond |sum| <= 4
+
+
+def test_replayed_pairs_are_the_earlier_rounds_released_pairs(cfg, tmp_path, monkeypatch):
+    # strategy.replay_rounds=1: round 2's DPO data is round 2's pairs plus round 1's, which the
+    # strategy rebuilds from round 1's released samples file (noisy scores, sigma 3).
+    torch.set_num_threads(1)
+    strategy, seen = _strategy(tmp_path, 3.0, monkeypatch, replay_rounds=1)
+    trained, real = [], strategy.dpo.train_round
+
+    def train_round(records):  # a spy: records what DPO gets, then trains for real
+        trained.append(list(records))
+        return real(records)
+
+    monkeypatch.setattr(strategy.dpo, "train_round", train_round)
+    strategy.start(grid=_client_grid(cfg), num_rounds=2)
+    (_, round1), (_, round2) = seen
+    assert len(round1) == K and len(trained) == 2
+    assert trained[0] == round1.as_records()
+    assert trained[1] == round2.as_records() + round1.as_records()
+    rows = strategy.run_dir.read_jsonl(strategy.run_dir.samples_path(2))
+    assert strategy.replayed_pairs(3) == pairs_from_rows(rows, J, R).as_records()
 
 
 def test_chat_prompts_are_what_the_generator_and_dpo_both_see(cfg, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from popri_flwr.algorithms.preference import build_pairs
+from popri_flwr.algorithms.preference import build_pairs, pairs_from_rows
 
 
 def test_best_and_rank_r_by_index_with_duplicate_strings():
@@ -33,3 +33,26 @@ def test_empty_samples_are_skipped_and_shapes_checked():
         build_pairs(["p", "q"], ["a"] * 3, np.zeros(3), 2, 1)
     with pytest.raises(ValueError, match="strategy.reject_rank"):
         build_pairs(["p"], ["a", "b"], np.zeros(2), 2, 2)
+
+
+def test_pairs_from_released_rows_are_the_rounds_pairs():
+    prompts, j = ["p0", "p1"], 3
+    samples = ["a", "b", "c", "d", "e", "f"]
+    scores = np.array([0.2, 0.9, -1.0, 3.0, 2.5, 0.1])
+    rows = [
+        {"prompt_id": i // j, "prompt": prompts[i // j], "text": t, "noisy_score": float(s)}
+        for i, (t, s) in enumerate(zip(samples, scores, strict=True))
+    ]
+    again, direct = pairs_from_rows(rows, j, 2), build_pairs(prompts, samples, scores, j, 2)
+    assert again.as_records() == direct.as_records()
+    assert again.chosen_index.tolist() == direct.chosen_index.tolist() == [1, 3]
+    assert again.as_records() == [
+        {"prompt": "p0", "chosen": "b", "rejected": "c"},
+        {"prompt": "p1", "chosen": "d", "rejected": "f"},
+    ]
+    with pytest.raises(ValueError, match="no noisy_score"):
+        pairs_from_rows([{**rows[0], "noisy_score": None}, *rows[1:]], j, 2)
+    with pytest.raises(ValueError, match="whole prompts of 3"):
+        pairs_from_rows(rows[:4], j, 2)
+    with pytest.raises(ValueError, match="prompt-major"):
+        pairs_from_rows(rows[3:] + rows[:3], j, 2)

@@ -85,3 +85,28 @@ def build_pairs(
         rejected_index=worse[keep],
         score_gap=scores[best[keep]] - scores[worse[keep]],
     )
+
+
+def pairs_from_rows(rows: list[dict], samples_per_prompt: int, reject_rank: int) -> PreferencePairs:
+    """Rebuild a finished round's pairs from its released sample rows.
+
+    ``rows`` are the round's samples file, prompt-major, each with ``prompt_id``, ``prompt``,
+    ``text`` and the released ``noisy_score``. Only released values go in, so reusing the
+    pairs later (``strategy.replay_rounds``) is post-processing: it costs no privacy.
+
+    Raises
+    ------
+    ValueError
+        If a row has no ``noisy_score`` (the round was never scored) or the rows are not
+        whole prompts of ``samples_per_prompt`` samples.
+    """
+    if any(row.get("noisy_score") is None for row in rows):
+        raise ValueError("preference: a sample row has no noisy_score; its round was not scored")
+    j = samples_per_prompt
+    if not rows or len(rows) % j:
+        raise ValueError(f"preference: expected whole prompts of {j} samples, got {len(rows)} rows")
+    prompts = [rows[k * j]["prompt"] for k in range(len(rows) // j)]
+    if any(int(row["prompt_id"]) != i // j for i, row in enumerate(rows)):
+        raise ValueError("preference: sample rows are not prompt-major (prompt_id = index // J)")
+    scores = np.array([row["noisy_score"] for row in rows], dtype=np.float64)
+    return build_pairs(prompts, [row["text"] for row in rows], scores, j, reject_rank)

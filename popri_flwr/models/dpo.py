@@ -3,8 +3,11 @@
 One :class:`DPOStep` lives for a whole run. It wraps the base causal LM once with a PEFT LoRA
 adapter; the reference model of DPO is the *base* model (adapter disabled), never last round's
 policy. The adapter weights, the AdamW state and the LR schedule (linear warmup, then constant)
-carry over rounds: a fresh ``DPOTrainer`` is built every round around the same model, optimizer
-and scheduler.
+carry over rounds (``warm_start``, the paper's way): a fresh ``DPOTrainer`` is built every round
+around the same model, optimizer and scheduler. With ``warm_start=False`` every round starts
+again from the initial adapter with a fresh optimizer: the round's policy is DPO from the base
+model on that round's pairs alone (with the strategy's ``replay_rounds``: on every pair
+released so far).
 
 Behaviours of TRL 1.16 this module relies on (read from ``trl/trainer/dpo_trainer.py``):
 
@@ -87,6 +90,19 @@ class DPOStepConfig:
         Passes over a round's pairs (may be fractional).
     max_steps_per_round
         Cap on optimizer steps per round (``None``: no cap).
+    steps_per_round
+        ``None``: ``epochs_per_round`` passes at the batch above. An integer: every round takes
+        exactly this many optimizer steps and one pass over its pairs fills them, i.e. the
+        gradient accumulation is ``ceil(pairs / (per_device_batch_size * steps_per_round))``
+        (replacing ``gradient_accumulation_steps``, ``epochs_per_round`` and
+        ``max_steps_per_round``). More pairs then make each step's direction cleaner instead
+        of adding steps: the held-out loss pays its curvature on the adapter's displacement,
+        which grows with the steps (docs/learning.md, stop 19).
+    warm_start
+        ``True`` (the paper): the adapter, AdamW's moments and the warmup carry over rounds.
+        ``False``: each round restarts from the initial adapter (``B = 0`` and the same ``A``,
+        drawn once from ``seed``) with a fresh optimizer and warmup, so the policy after round
+        ``t`` is DPO from the base model on round ``t``'s pairs only.
     lora_r, lora_alpha, lora_dropout, lora_target_modules
         The LoRA adapter.
     max_length
@@ -125,6 +141,8 @@ class DPOStepConfig:
     gradient_accumulation_steps: int = 3
     epochs_per_round: float = 1.0
     max_steps_per_round: int | None = None
+    steps_per_round: int | None = None
+    warm_start: bool = True
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -168,6 +186,12 @@ class DPOStepConfig:
             ("gradient_accumulation_steps", _int(self.gradient_accumulation_steps, 1), pos_int),
             ("epochs_per_round", _positive(self.epochs_per_round), "must be > 0"),
             ("max_steps_per_round", steps is None or _int(steps, 1), "must be null or >= 1"),
+            (
+                "steps_per_round",
+                self.steps_per_round is None or _int(self.steps_per_round, 1),
+                "must be null or an integer >= 1",
+            ),
+            ("warm_start", isinstance(self.warm_start, bool), "expected true or false"),
             ("lora_r", _int(self.lora_r, 1), pos_int),
             ("lora_alpha", _positive(self.lora_alpha), "must be > 0"),
             ("lora_dropout", _real(dropout) and 0 <= dropout < 1, "must be in [0, 1)"),
@@ -268,8 +292,13 @@ class DPOStep:
             bias="none",
             task_type="CAUSAL_LM",
         )
+        # LoRA's A is drawn from torch's global RNG: seed it (public randomness), so a resumed
+        # run and ``warm_start=False`` rounds start from the same initial adapter.
+        cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
         try:
-            self._model = get_peft_model(model, lora, adapter_name=_ADAPTER)
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(config.seed)
+                self._model = get_peft_model(model, lora, adapter_name=_ADAPTER)
         except ValueError as err:
             raise ValueError(
                 f"dpo.lora_target_modules: {list(config.lora_target_modules)} do not match the "
@@ -281,18 +310,10 @@ class DPOStep:
         self._forward_snapshot = [_snapshot_forward(m) for m in self._forward_owners]
 
         params = [p for p in self._model.parameters() if p.requires_grad]
-        # Built once so its state (AdamW's moments) persists; AdamW as Trainer's default (no decay).
-        if config.optim == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=config.learning_rate)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-        warmup = config.warmup_steps
-
-        def warmup_then_constant(step: int) -> float:
-            # ``step`` = optimizer steps already taken; the LR reaches its peak at step warmup-1.
-            return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_constant)
+        self._initial_adapter = (
+            None if config.warm_start else [p.detach().clone() for p in params]
+        )  # what a warm_start=False round restarts from
+        self._new_optimizer()
         self.global_step = 0  # optimizer steps over all rounds
         self.rounds_trained = 0
         n_train = sum(p.numel() for p in params)
@@ -304,6 +325,37 @@ class DPOStep:
             self.device,
             self.bf16,
         )
+
+    def _new_optimizer(self) -> None:
+        """AdamW (Trainer's default, no decay) or SGD, and the warmup-then-constant schedule.
+
+        Built once per run (``warm_start``) so AdamW's moments persist, else once per round.
+        """
+        import torch
+
+        cfg = self.config
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        if cfg.optim == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.learning_rate)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        warmup = cfg.warmup_steps
+
+        def warmup_then_constant(step: int) -> float:
+            # ``step`` = optimizer steps already taken; the LR reaches its peak at step warmup-1.
+            return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_constant)
+
+    def _restart(self) -> None:
+        """Back to the initial adapter (policy == base) with a fresh optimizer and warmup."""
+        import torch
+
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p, p0 in zip(params, self._initial_adapter, strict=True):
+                p.copy_(p0)
+        self._new_optimizer()
 
     @property
     def model(self) -> Any:
@@ -347,6 +399,16 @@ class DPOStep:
         records = _check_pairs(pairs)
         cfg = self.config
         round_seed = cfg.seed + self.rounds_trained
+        if not cfg.warm_start and self.rounds_trained:
+            self._restart()
+        accumulation, epochs, max_steps = (
+            cfg.gradient_accumulation_steps,
+            cfg.epochs_per_round,
+            cfg.max_steps_per_round or -1,
+        )
+        if cfg.steps_per_round is not None:  # one pass over the pairs fills the fixed steps
+            max_steps = cfg.steps_per_round
+            accumulation = math.ceil(len(records) / (cfg.per_device_batch_size * max_steps))
         start = time.perf_counter()
         workdir = Path(tempfile.mkdtemp(prefix="popri_dpo_"))
         trainer = None
@@ -358,9 +420,9 @@ class DPOStep:
                 loss_weights=None if cfg.loss_weights is None else list(cfg.loss_weights),
                 learning_rate=cfg.learning_rate,  # informational: the optimizer is ours
                 per_device_train_batch_size=cfg.per_device_batch_size,
-                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                num_train_epochs=cfg.epochs_per_round,
-                max_steps=cfg.max_steps_per_round or -1,
+                gradient_accumulation_steps=accumulation,
+                num_train_epochs=epochs,
+                max_steps=max_steps,
                 max_length=cfg.max_length,
                 logging_steps=1,
                 save_strategy="no",

@@ -7,6 +7,7 @@ Round t (K prompts, J samples each, clip C, noise multiplier sigma)::
     server  : s = sum_i v_i + N(0, sigma^2 C^2 I)
               pairs = {(best_k, rank-r_k) of each prompt's J samples under s}
               generator_{t+1} = DPO(generator_t, pairs), reference = base model
+              (``replay_rounds`` = m: pairs of rounds t-m..t, rebuilt from their releases)
               regenerate the samples of round t+1
 
 The shared machinery (Poisson sampling, reply checks, noise, accountant, resume) lives in
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from popri_flwr.algorithms.preference import build_pairs
+from popri_flwr.algorithms.preference import build_pairs, pairs_from_rows
 from popri_flwr.algorithms.prompts import PROMPT_STYLES, build_prompts
 from popri_flwr.algorithms.public_set import build_public_set
 from popri_flwr.config import check as _check
@@ -73,6 +74,12 @@ class PopriStrategy(PrivateStrategy):
         Sent to clients so both sides use the same embedding space.
     eval_embeddings
         Embeddings of held-out private text, for the evaluation-only FID (or None).
+    replay_rounds
+        DPO also trains on the pairs of up to this many earlier rounds, rebuilt from their
+        released samples and noisy scores (post-processing of the release: no privacy cost).
+        0 (the paper): this round's pairs only. With ``dpo.warm_start=false`` and
+        ``dpo.steps_per_round`` every round refits the base model on all pairs released so far
+        in a fixed number of steps, so more pairs make the steps cleaner, not more numerous.
     probe_prompts
         Diagnostics: the number of fixed probe prompts (0 = off). See :meth:`probe`.
     generator_eval_texts
@@ -99,6 +106,7 @@ class PopriStrategy(PrivateStrategy):
         shots: int = 3,
         prompt_style: str = "list",
         payload: str = "embeddings",
+        replay_rounds: int = 0,
         embedder_name: str = "",
         eval_embeddings: np.ndarray | None = None,
         probe_prompts: int = 0,
@@ -106,6 +114,10 @@ class PopriStrategy(PrivateStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if not isinstance(replay_rounds, int) or replay_rounds < 0:
+            raise ValueError(
+                f"strategy.replay_rounds: must be an integer >= 0, got {replay_rounds!r}"
+            )
         if probe_prompts < 0:
             raise ValueError(f"evaluation.probe_prompts: must be >= 0, got {probe_prompts}")
         if not 1 <= reject_rank < samples_per_prompt:
@@ -128,7 +140,7 @@ class PopriStrategy(PrivateStrategy):
         )
         self.public_set_cfg = public_set
         self.k, self.j, self.r, self.shots = num_prompts, samples_per_prompt, reject_rank, shots
-        self.prompt_style = prompt_style
+        self.prompt_style, self.replay_rounds = prompt_style, replay_rounds
         self.sampling, self.payload, self.embedder_name = sampling, payload, embedder_name
         self.eval_embeddings = eval_embeddings
         self.probe_prompts = probe_prompts
@@ -159,6 +171,7 @@ class PopriStrategy(PrivateStrategy):
             s.reject_rank,
         )
         _check(s.shots >= 1, "strategy.shots", "must be >= 1", s.shots)
+        _check(s.replay_rounds >= 0, "strategy.replay_rounds", "must be >= 0", s.replay_rounds)
         _check(
             s.prompt_style in PROMPT_STYLES,
             "strategy.prompt_style",
@@ -215,6 +228,7 @@ class PopriStrategy(PrivateStrategy):
             shots=s.shots,
             prompt_style=s.prompt_style,
             payload=s.payload,
+            replay_rounds=s.replay_rounds,
             sampling=SamplingParams.from_config(g, cfg.seed),
             embedder_name=cfg.embedder.model,
             eval_embeddings=eval_embeddings_for(cfg, federation, embedder, common),
@@ -360,9 +374,12 @@ class PopriStrategy(PrivateStrategy):
             "empty_samples": sum(1 for s in self.samples if not s.strip()),
             "score_gap_mean": float(np.mean(pairs.score_gap)) if len(pairs) else None,
         }
-        if len(pairs):
+        replayed = self.replayed_pairs(server_round)
+        if replayed:
+            metrics["replay_pairs"] = len(replayed)
+        if len(pairs) or replayed:
             with self.timer("dpo"):
-                dpo = self.dpo.train_round(pairs.as_records())
+                dpo = self.dpo.train_round(pairs.as_records() + replayed)
                 self._sync_generator()
             metrics.update(
                 dpo_loss=dpo.get("loss"),
@@ -375,6 +392,18 @@ class PopriStrategy(PrivateStrategy):
         self._scored_emb = scored_emb
         self._regenerate(server_round + 1)
         return metrics
+
+    def replayed_pairs(self, server_round: int) -> list[dict[str, str]]:
+        """The pairs of the ``replay_rounds`` rounds before ``server_round``, as DPO records.
+
+        Rebuilt from the samples files, which hold only what was released (samples and noisy
+        scores), so a resumed run replays the same pairs.
+        """
+        records: list[dict[str, str]] = []
+        for past in range(max(1, server_round - self.replay_rounds), server_round):
+            rows = self.run_dir.read_jsonl(self.run_dir.samples_path(past))
+            records += pairs_from_rows(rows, self.j, self.r).as_records()
+        return records
 
     def evaluate_round(self, server_round: int) -> dict[str, Any]:
         """Diagnostics only: FID and similarity of the samples, pair recovery.
