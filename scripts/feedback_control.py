@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import textwrap
 from pathlib import Path
 
 import learning_sweep  # scripts/, on the path when run as a script
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def summarize(rows: list[dict]) -> None:
     """Per tag and arm: loss change over the run (mean +- std), rounds where it fell."""
-    print("tag       arm         runs  change G0->G3 (mean +- std)  per run            falls")
+    print("tag           arm         runs  change G0->G3 (mean +- std)  per run            falls")
     for tag in sorted({r["tag"] for r in rows}):
         for arm in ARMS:
             runs: dict[int, list[dict]] = {}
@@ -136,20 +137,20 @@ def summarize(rows: list[dict]) -> None:
             falls = sum(r["generator_loss_change"] < 0 for v in done for r in v)
             per = " ".join(f"{t:+.3f}" for t in total)
             print(
-                f"{tag or '-':9s} {arm:11s} {len(done):4d}  {total.mean():+.4f} +- "
+                f"{tag or '-':13s} {arm:11s} {len(done):4d}  {total.mean():+.4f} +- "
                 f"{total.std(ddof=1) if len(total) > 1 else 0:.4f}          {per:18s} "
                 f"{falls}/{3 * len(done)}"
             )
     print("\nmeans over runs by generator G (G0: the base model's samples of round 1, the same in")
     print("every run of a seed; every arm samples the same prompts with the same draws each round)")
-    print("tag       arm         G  loss change  FID next  similarity  recovery")
+    print("tag           arm         G  loss change  FID next  similarity  recovery")
     for tag in sorted({r["tag"] for r in rows}):
         for arm in ARMS:
             sel = [r for r in rows if r["tag"] == tag and r["arm"] == arm]
             if not sel:
                 continue
             g0 = np.mean([r["fid_scored"] for r in sel if r["round"] == 1])
-            print(f"{tag or '-':9s} {arm:11s} 0       0       {g0:8.4f}")
+            print(f"{tag or '-':13s} {arm:11s} 0       0       {g0:8.4f}")
             for g in sorted({r["round"] for r in sel}):
                 runs = {r["run"] for r in sel}
                 cum = [
@@ -160,7 +161,7 @@ def summarize(rows: list[dict]) -> None:
                 ]
                 at = [r for r in sel if r["round"] == g]
                 print(
-                    f"{tag or '-':9s} {arm:11s} {g}  {np.mean(cum):+.4f}     "
+                    f"{tag or '-':13s} {arm:11s} {g}  {np.mean(cum):+.4f}     "
                     f"{np.mean([r['fid_next'] for r in at]):8.4f}  "
                     f"{np.mean([r['similarity_next'] for r in at]):10.4f}  "
                     f"{np.mean([r['recovery'] for r in at]):8.3f}"
@@ -172,7 +173,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     tags = sorted({r["tag"] for r in rows})
-    fig = Figure(figsize=(4.6 * len(tags), 3.4), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(tags), 3.8), layout="constrained")
     colors = {"popri": "C0", "noise_free": "C2", "placebo": "C3"}
     for k, tag in enumerate(tags, start=1):
         ax = fig.add_subplot(1, len(tags), k)
@@ -189,7 +190,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.set_xlabel("generator (DPO rounds trained)")
         ax.set_ylabel("held-out loss change (nats/token)")
         lr = next(r["overrides"] for r in rows if r["tag"] == tag)
-        ax.set_title(f"{tag or 'demo'} ({lr})", fontsize=9)
+        ax.set_title(textwrap.fill(f"{tag or 'demo'} ({lr})", 44), fontsize=8)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("DIAGNOSTIC (held-out private text): generator loss vs its base model", fontsize=9)
