@@ -309,7 +309,7 @@ class DPOStep:
         self._forward_owners = [self._model, self._model.get_base_model()]
         self._forward_snapshot = [_snapshot_forward(m) for m in self._forward_owners]
 
-        params = [p for p in self._model.parameters() if p.requires_grad]
+        params = self._trainable()
         self._initial_adapter = (
             None if config.warm_start else [p.detach().clone() for p in params]
         )  # what a warm_start=False round restarts from
@@ -326,6 +326,10 @@ class DPOStep:
             self.bf16,
         )
 
+    def _trainable(self) -> list[Any]:
+        """The adapter's trainable parameters, in a fixed order (the optimizer's)."""
+        return [p for p in self._model.parameters() if p.requires_grad]
+
     def _new_optimizer(self) -> None:
         """AdamW (Trainer's default, no decay) or SGD, and the warmup-then-constant schedule.
 
@@ -333,8 +337,7 @@ class DPOStep:
         """
         import torch
 
-        cfg = self.config
-        params = [p for p in self._model.parameters() if p.requires_grad]
+        cfg, params = self.config, self._trainable()
         if cfg.optim == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=cfg.learning_rate)
         else:
@@ -351,9 +354,8 @@ class DPOStep:
         """Back to the initial adapter (policy == base) with a fresh optimizer and warmup."""
         import torch
 
-        params = [p for p in self._model.parameters() if p.requires_grad]
         with torch.no_grad():
-            for p, p0 in zip(params, self._initial_adapter, strict=True):
+            for p, p0 in zip(self._trainable(), self._initial_adapter, strict=True):
                 p.copy_(p0)
         self._new_optimizer()
 
@@ -401,11 +403,7 @@ class DPOStep:
         round_seed = cfg.seed + self.rounds_trained
         if not cfg.warm_start and self.rounds_trained:
             self._restart()
-        accumulation, epochs, max_steps = (
-            cfg.gradient_accumulation_steps,
-            cfg.epochs_per_round,
-            cfg.max_steps_per_round or -1,
-        )
+        accumulation, max_steps = cfg.gradient_accumulation_steps, cfg.max_steps_per_round or -1
         if cfg.steps_per_round is not None:  # one pass over the pairs fills the fixed steps
             max_steps = cfg.steps_per_round
             accumulation = math.ceil(len(records) / (cfg.per_device_batch_size * max_steps))
@@ -421,7 +419,7 @@ class DPOStep:
                 learning_rate=cfg.learning_rate,  # informational: the optimizer is ours
                 per_device_train_batch_size=cfg.per_device_batch_size,
                 gradient_accumulation_steps=accumulation,
-                num_train_epochs=epochs,
+                num_train_epochs=cfg.epochs_per_round,
                 max_steps=max_steps,
                 max_length=cfg.max_length,
                 logging_steps=1,
