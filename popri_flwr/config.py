@@ -96,6 +96,8 @@ class StrategyConfig:
     """Method-specific settings; ``name`` picks the strategy (one config key swaps methods).
 
     POPri uses ``num_prompts`` (K), ``samples_per_prompt`` (J), ``reject_rank`` (r, zero-based),
+    ``pairing`` (``rank``: one pair per prompt, best vs rank r, the paper; ``all``: every pair
+    of a prompt's samples at least r ranks apart, more pairs from the same release),
     ``shots``, ``prompt_style`` (``list``: the paper's few-shot list to continue; ``chat``: the
     same examples in an instruction, in the generator's chat template, for instruct models) and
     ``payload`` (``embeddings``: the server embeds samples and clients only do a
@@ -109,6 +111,7 @@ class StrategyConfig:
     num_prompts: int = 1800
     samples_per_prompt: int = 10
     reject_rank: int = 4
+    pairing: str = "rank"
     shots: int = 3
     prompt_style: str = "list"
     payload: str = "embeddings"

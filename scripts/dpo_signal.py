@@ -54,12 +54,14 @@ def read_round(run_dir: Path, rnd: int) -> tuple[list[dict], int]:
     return rows, len(rows) // len({r["prompt_id"] for r in rows})
 
 
-def round_pairs(run_dir: Path, reject_rank: int, rnd: int = 1) -> list[dict[str, str]]:
-    """The preference pairs of round ``rnd`` of a finished run, from its released samples."""
+def round_pairs(run_dir: Path, strategy, rnd: int = 1) -> list[dict[str, str]]:
+    """The preference pairs of round ``rnd`` of a finished run, from its released samples,
+    as ``strategy`` (``reject_rank``, ``pairing``) builds them."""
     rows, j = read_round(run_dir, rnd)
     prompts = [r["prompt"] for r in rows[::j]]
     scores = np.array([r["noisy_score"] for r in rows])
-    pairs = build_pairs(prompts, [r["text"] for r in rows], scores, j, reject_rank)
+    texts = [r["text"] for r in rows]
+    pairs = build_pairs(prompts, texts, scores, j, strategy.reject_rank, pairing=strategy.pairing)
     return pairs.as_records()
 
 
@@ -70,7 +72,7 @@ def cohort_pairs(
     embedder,
     size: int,
     sigma: float,
-    reject_rank: int,
+    strategy,
     rng: np.random.Generator,
 ) -> list[dict[str, str]]:
     """Pairs of round ``rnd``'s samples scored afresh by ``size`` random clients (noise-free sum,
@@ -80,7 +82,8 @@ def cohort_pairs(
     members = rng.choice(len(centroids), size=min(size, len(centroids)), replace=False)
     total = score_matrix(embedder.embed(texts), centroids[members], 1.0).sum(axis=0)
     total = add_noise(total, sigma, rng)  # clip norm 1: noise std = sigma, as POPri releases
-    pairs = build_pairs([r["prompt"] for r in rows[::j]], texts, total, j, reject_rank)
+    prompts = [r["prompt"] for r in rows[::j]]
+    pairs = build_pairs(prompts, texts, total, j, strategy.reject_rank, pairing=strategy.pairing)
     return pairs.as_records()
 
 
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = load_config(["experiment=demo", *filter(None, overrides.split())])
             for source, make_pairs in sources:
                 start = time.perf_counter()
-                pairs = make_pairs(cfg.strategy.reject_rank)
+                pairs = make_pairs(cfg.strategy)
                 flipped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
                 fwd = loss_after(cfg, pairs, ids, mask) - base
                 rev = loss_after(cfg, flipped, ids, mask) - base
@@ -180,18 +183,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def pair_sources(args: argparse.Namespace, cfg) -> list[tuple[str, Callable]]:
-    """(name, reject_rank -> pairs): the runs' released pairs, or fresh cohorts' (``--cohort``)."""
+    """(name, strategy -> pairs): the runs' released pairs, or fresh cohorts' (``--cohort``)."""
     runs = []
     for run in args.runs:
         path, _, rnd = str(run).partition("@")
         runs.append((Path(path), int(rnd or args.round)))
     if not args.cohort:
-        sources = [
-            (f"{p.name}@{r}", lambda rank, p=p, r=r: round_pairs(p, rank, r)) for p, r in runs
-        ]
+        sources = [(f"{p.name}@{r}", lambda st, p=p, r=r: round_pairs(p, st, r)) for p, r in runs]
         if args.pool:
             name = "+".join(n for n, _ in sources)
-            return [(name, lambda rank: [x for _, f in sources for x in f(rank)])]
+            return [(name, lambda st: [x for _, f in sources for x in f(st)])]
         return sources
     from popri_flwr.algorithms.scoring import centroid  # noqa: I001 (cohort mode only)
     from popri_flwr.models.embedding import get_embedder
@@ -212,10 +213,10 @@ def pair_sources(args: argparse.Namespace, cfg) -> list[tuple[str, Callable]]:
             out.append(
                 (
                     f"{name}_{d}",
-                    lambda rank, n=n, s=float(sigma or 0): [
+                    lambda st, n=n, s=float(sigma or 0): [
                         x
                         for p, r in scored
-                        for x in cohort_pairs(p, r, cents, embedder, n, s, rank, rng)
+                        for x in cohort_pairs(p, r, cents, embedder, n, s, st, rng)
                     ],
                 )
             )

@@ -28,6 +28,7 @@ def test_defaults_and_demo_compose():
         ("privacy.delta=2", "privacy.delta"),
         ("strategy.reject_rank=10", "strategy.reject_rank"),
         ("strategy.payload=weights", "strategy.payload"),
+        ("strategy.pairing=best", "strategy.pairing"),
         ("strategy.prompt_style=instruct", "strategy.prompt_style"),
         ("strategy.name=nope", "strategy.name"),
         ("generation.backend=tgi", "generation.backend"),

@@ -55,7 +55,7 @@ def test_flwr_run_simulation(tmp_path):
 
 
 def test_deployment_superlink_and_supernodes_on_loopback(tmp_path):
-    out, n = tmp_path / "run", 3
+    out, n = tmp_path / "run", 2
     nodes = [f"partition-id={i} num-partitions={n}" for i in range(n)]
     with deployment(tmp_path, nodes) as env:
         # The strategy itself waits until all n nodes are registered before sampling.

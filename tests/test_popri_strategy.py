@@ -184,9 +184,10 @@ def test_pairs_follow_the_noisy_sum(cfg, tmp_path, monkeypatch, sigma):
 
 def test_replayed_pairs_are_the_earlier_rounds_released_pairs(cfg, tmp_path, monkeypatch):
     # strategy.replay_rounds=1: round 2's DPO data is round 2's pairs plus round 1's, which the
-    # strategy rebuilds from round 1's released samples file (noisy scores, sigma 3).
+    # strategy rebuilds from round 1's released samples file (noisy scores, sigma 3); with
+    # strategy.pairing=all both are every pair of a prompt's samples, J(J-1)/2 per prompt.
     torch.set_num_threads(1)
-    strategy, seen = _strategy(tmp_path, 3.0, monkeypatch, replay_rounds=1)
+    strategy, seen = _strategy(tmp_path, 3.0, monkeypatch, replay_rounds=1, pairing="all")
     trained, real = [], strategy.dpo.train_round
 
     def train_round(records):  # a spy: records what DPO gets, then trains for real
@@ -195,12 +196,13 @@ def test_replayed_pairs_are_the_earlier_rounds_released_pairs(cfg, tmp_path, mon
 
     monkeypatch.setattr(strategy.dpo, "train_round", train_round)
     strategy.start(grid=_client_grid(cfg), num_rounds=2)
-    (_, round1), (_, round2) = seen
-    assert len(round1) == K and len(trained) == 2
+    (release1, round1), (_, round2) = seen
+    assert len(round1) == K * J * (J - 1) // 2 and len(trained) == 2
+    assert all(release1[round1.chosen_index] > release1[round1.rejected_index])
     assert trained[0] == round1.as_records()
     assert trained[1] == round2.as_records() + round1.as_records()
     rows = strategy.run_dir.read_jsonl(strategy.run_dir.samples_path(2))
-    assert strategy.replayed_pairs(3) == pairs_from_rows(rows, J, R).as_records()
+    assert strategy.replayed_pairs(3) == pairs_from_rows(rows, J, R, "all").as_records()
 
 
 def test_chat_prompts_are_what_the_generator_and_dpo_both_see(cfg, tmp_path, monkeypatch):

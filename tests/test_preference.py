@@ -56,3 +56,26 @@ def test_pairs_from_released_rows_are_the_rounds_pairs():
         pairs_from_rows(rows[:4], j, 2)
     with pytest.raises(ValueError, match="prompt-major"):
         pairs_from_rows(rows[3:] + rows[:3], j, 2)
+
+
+def test_all_pairing_takes_every_pair_at_least_r_ranks_apart():
+    # Prompt 0 ranks idx 1 > 3 > 0 > 2; prompt 1 ranks idx 4 > 7 > 6 > 5.
+    scores = np.array([0.5, 2.0, -1.0, 1.0, 9.0, 0.0, 1.0, 3.0])
+    samples = ["a", "b", "c", "d", "e", "", "g", "h"]
+    pairs = build_pairs(["p0", "p1"], samples, scores, 4, reject_rank=2, pairing="all")
+    # Rank pairs (0, 2), (0, 3), (1, 3) per prompt, prompt-major; prompt 1's (0, 3) and
+    # (1, 3) have the empty sample as rejected and are skipped, its (0, 2) is kept.
+    assert pairs.chosen_index.tolist() == [1, 1, 3, 4]
+    assert pairs.rejected_index.tolist() == [0, 2, 2, 6]
+    assert pairs.prompts == ["p0", "p0", "p0", "p1"]
+    np.testing.assert_allclose(pairs.score_gap, [1.5, 3.0, 2.0, 8.0])
+    assert (scores[pairs.chosen_index] > scores[pairs.rejected_index]).all()
+    # r = 1 is every pair, J(J-1)/2 per prompt; r = J - 1 is the paper's single pair.
+    every = build_pairs(["p0", "p1"], list("abcdefgh"), scores, 4, 1, pairing="all")
+    assert len(every) == 2 * 6
+    last = build_pairs(["p0", "p1"], list("abcdefgh"), scores, 4, 3, pairing="all")
+    assert (
+        last.as_records() == build_pairs(["p0", "p1"], list("abcdefgh"), scores, 4, 3).as_records()
+    )
+    with pytest.raises(ValueError, match="strategy.pairing"):
+        build_pairs(["p0", "p1"], samples, scores, 4, 2, pairing="best")

@@ -1,8 +1,12 @@
 """Preference pairs from noisy scores (POPri step 6).
 
 Samples are laid out prompt-major: sample ``k`` belongs to prompt ``k // J``. For each prompt
-its J samples are ranked by noisy score (descending); chosen = rank 0, rejected = rank r.
-Everything goes by index, never by string, so duplicate texts keep their own scores.
+its J samples are ranked by noisy score (descending). The paper's pairing (``rank``) takes one
+pair per prompt: chosen = rank 0, rejected = rank r. ``all`` takes every pair of ranks
+a < b with b - a >= r, chosen = rank a, rejected = rank b: up to ``(J - r)(J - r + 1) / 2``
+pairs per prompt from the same samples and the same release (post-processing: no privacy
+cost), so DPO sees more of the order the clients gave. Everything goes by index, never by
+string, so duplicate texts keep their own scores.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+PAIRINGS = ("rank", "all")
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class PreferencePairs:
     rejected: list[str]
     chosen_index: np.ndarray
     rejected_index: np.ndarray
-    score_gap: np.ndarray  # noisy score(chosen) - noisy score(rejected), per prompt
+    score_gap: np.ndarray  # noisy score(chosen) - noisy score(rejected), per pair
 
     def as_records(self) -> list[dict[str, str]]:
         """``[{"prompt", "chosen", "rejected"}]`` as TRL's DPOTrainer expects."""
@@ -41,8 +47,9 @@ def build_pairs(
     samples_per_prompt: int,
     reject_rank: int,
     skip_empty: bool = True,
+    pairing: str = "rank",
 ) -> PreferencePairs:
-    """Pick (best, rank-r) per prompt.
+    """Pick (best, rank-r) per prompt, or every pair at least r ranks apart.
 
     Parameters
     ----------
@@ -55,9 +62,12 @@ def build_pairs(
     samples_per_prompt
         ``J``.
     reject_rank
-        Zero-based rank of the rejected sample, ``1 <= r < J``.
+        Zero-based rank of the rejected sample, ``1 <= r < J`` (``all``: the least rank gap).
     skip_empty
-        Skip a prompt whose chosen or rejected sample is empty (nothing to learn from).
+        Skip a pair whose chosen or rejected sample is empty (nothing to learn from).
+    pairing
+        ``rank`` (the paper: one pair per prompt) or ``all`` (every rank pair ``(a, b)`` with
+        ``b - a >= r``, prompt-major, then by ``a``, then ``b``).
     """
     k, j = len(prompts), samples_per_prompt
     scores = np.asarray(scores, dtype=np.float64)
@@ -68,26 +78,34 @@ def build_pairs(
         )
     if not 1 <= reject_rank < j:
         raise ValueError(f"strategy.reject_rank: must be in [1, {j}), got {reject_rank}")
+    if pairing not in PAIRINGS:
+        raise ValueError(f"strategy.pairing: expected one of {PAIRINGS}, got {pairing!r}")
+    ranks = [(0, reject_rank)]
+    if pairing == "all":
+        ranks = [(a, b) for a in range(j) for b in range(a + reject_rank, j)]
     # Stable sort on -score: ties keep generation order, so results are deterministic.
-    order = np.argsort(-scores.reshape(k, j), axis=1, kind="stable")
-    best = order[:, 0] + np.arange(k) * j
-    worse = order[:, reject_rank] + np.arange(k) * j
+    order = np.argsort(-scores.reshape(k, j), axis=1, kind="stable") + np.arange(k)[:, None] * j
+    chosen = np.array([order[i, a] for i in range(k) for a, _ in ranks], dtype=np.int64)
+    rejected = np.array([order[i, b] for i in range(k) for _, b in ranks], dtype=np.int64)
     keep = [
-        i
-        for i in range(k)
-        if not skip_empty or (samples[best[i]].strip() and samples[worse[i]].strip())
+        n
+        for n in range(len(chosen))
+        if not skip_empty or (samples[chosen[n]].strip() and samples[rejected[n]].strip())
     ]
+    chosen, rejected = chosen[keep], rejected[keep]
     return PreferencePairs(
-        prompts=[prompts[i] for i in keep],
-        chosen=[samples[best[i]] for i in keep],
-        rejected=[samples[worse[i]] for i in keep],
-        chosen_index=best[keep],
-        rejected_index=worse[keep],
-        score_gap=scores[best[keep]] - scores[worse[keep]],
+        prompts=[prompts[c // j] for c in chosen],
+        chosen=[samples[c] for c in chosen],
+        rejected=[samples[r] for r in rejected],
+        chosen_index=chosen,
+        rejected_index=rejected,
+        score_gap=scores[chosen] - scores[rejected],
     )
 
 
-def pairs_from_rows(rows: list[dict], samples_per_prompt: int, reject_rank: int) -> PreferencePairs:
+def pairs_from_rows(
+    rows: list[dict], samples_per_prompt: int, reject_rank: int, pairing: str = "rank"
+) -> PreferencePairs:
     """Rebuild a finished round's pairs from its released sample rows.
 
     ``rows`` are the round's samples file, prompt-major, each with ``prompt_id``, ``prompt``,
@@ -109,4 +127,5 @@ def pairs_from_rows(rows: list[dict], samples_per_prompt: int, reject_rank: int)
     if any(int(row["prompt_id"]) != i // j for i, row in enumerate(rows)):
         raise ValueError("preference: sample rows are not prompt-major (prompt_id = index // J)")
     scores = np.array([row["noisy_score"] for row in rows], dtype=np.float64)
-    return build_pairs(prompts, [row["text"] for row in rows], scores, j, reject_rank)
+    texts = [row["text"] for row in rows]
+    return build_pairs(prompts, texts, scores, j, reject_rank, pairing=pairing)

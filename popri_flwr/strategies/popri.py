@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from popri_flwr.algorithms.preference import build_pairs, pairs_from_rows
+from popri_flwr.algorithms.preference import PAIRINGS, build_pairs, pairs_from_rows
 from popri_flwr.algorithms.prompts import PROMPT_STYLES, build_prompts
 from popri_flwr.algorithms.public_set import build_public_set
 from popri_flwr.config import check as _check
@@ -68,6 +68,10 @@ class PopriStrategy(PrivateStrategy):
         :mod:`popri_flwr.algorithms.prompts`.
     sampling
         Sampling parameters of the per-round generation.
+    pairing
+        ``"rank"`` (the paper: one pair per prompt, best vs rank r) or ``"all"`` (every pair
+        of a prompt's samples at least r ranks apart; same release, more pairs). See
+        :func:`~popri_flwr.algorithms.preference.build_pairs`.
     payload
         ``"embeddings"`` (server embeds, clients only do a matrix product) or ``"texts"``.
     embedder_name
@@ -103,6 +107,7 @@ class PopriStrategy(PrivateStrategy):
         samples_per_prompt: int,
         reject_rank: int,
         sampling: SamplingParams,
+        pairing: str = "rank",
         shots: int = 3,
         prompt_style: str = "list",
         payload: str = "embeddings",
@@ -124,6 +129,8 @@ class PopriStrategy(PrivateStrategy):
             raise ValueError(
                 f"strategy.reject_rank: must be in [1, {samples_per_prompt}), got {reject_rank}"
             )
+        if pairing not in PAIRINGS:
+            raise ValueError(f"strategy.pairing: expected one of {PAIRINGS}, got {pairing!r}")
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(
                 f"strategy.prompt_style: expected one of {PROMPT_STYLES}, got {prompt_style!r}"
@@ -140,7 +147,7 @@ class PopriStrategy(PrivateStrategy):
         )
         self.public_set_cfg = public_set
         self.k, self.j, self.r, self.shots = num_prompts, samples_per_prompt, reject_rank, shots
-        self.prompt_style, self.replay_rounds = prompt_style, replay_rounds
+        self.prompt_style, self.replay_rounds, self.pairing = prompt_style, replay_rounds, pairing
         self.sampling, self.payload, self.embedder_name = sampling, payload, embedder_name
         self.eval_embeddings = eval_embeddings
         self.probe_prompts = probe_prompts
@@ -170,6 +177,7 @@ class PopriStrategy(PrivateStrategy):
             f"must be in [1, samples_per_prompt={s.samples_per_prompt})",
             s.reject_rank,
         )
+        _check(s.pairing in PAIRINGS, "strategy.pairing", f"expected one of {PAIRINGS}", s.pairing)
         _check(s.shots >= 1, "strategy.shots", "must be >= 1", s.shots)
         _check(s.replay_rounds >= 0, "strategy.replay_rounds", "must be >= 0", s.replay_rounds)
         _check(
@@ -225,6 +233,7 @@ class PopriStrategy(PrivateStrategy):
             num_prompts=s.num_prompts,
             samples_per_prompt=s.samples_per_prompt,
             reject_rank=s.reject_rank,
+            pairing=s.pairing,
             shots=s.shots,
             prompt_style=s.prompt_style,
             payload=s.payload,
@@ -366,7 +375,9 @@ class PopriStrategy(PrivateStrategy):
     def server_update(self, server_round: int, release: np.ndarray) -> dict[str, Any]:
         """Pairs from the noisy scores, one DPO round, regenerate for the next round."""
         self._write_samples(server_round, release)
-        pairs = build_pairs(self.prompts, self.samples, release, self.j, self.r)
+        pairs = build_pairs(
+            self.prompts, self.samples, release, self.j, self.r, pairing=self.pairing
+        )
         self._pairs = pairs
         scored_emb = self.sample_emb
         metrics: dict[str, Any] = {
@@ -402,7 +413,7 @@ class PopriStrategy(PrivateStrategy):
         records: list[dict[str, str]] = []
         for past in range(max(1, server_round - self.replay_rounds), server_round):
             rows = self.run_dir.read_jsonl(self.run_dir.samples_path(past))
-            records += pairs_from_rows(rows, self.j, self.r).as_records()
+            records += pairs_from_rows(rows, self.j, self.r, self.pairing).as_records()
         return records
 
     def evaluate_round(self, server_round: int) -> dict[str, Any]:
