@@ -317,6 +317,25 @@ def test_cold_rounds_refit_from_the_initial_adapter_in_fixed_steps(run, tmp_path
     assert max(v.abs().max().item() for n, v in state.items() if "lora_B" in n) > 0
 
 
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        (16, (4, 1, 4)),  # the demo's batch: one pass of 4 steps of 4
+        (48, (4, 3, 4)),  # more pairs: the same 4 steps, each of 12 (accumulation 3)
+        (12, (3, 1, 4)),  # fewer than batch x steps: micro-batches of 3, no pair repeated
+        (2, (1, 1, 4)),  # fewer pairs than steps: the only case where pairs repeat
+    ],
+)
+def test_fixed_steps_take_one_pass_over_the_pairs(pairs, expected):
+    cfg = DPOStepConfig(per_device_batch_size=4, gradient_accumulation_steps=3, steps_per_round=4)
+    batch, accumulation, steps = cfg.round_schedule(pairs)
+    assert (batch, accumulation, steps) == expected
+    assert batch * accumulation * steps >= pairs  # every pair is seen ...
+    assert pairs < steps or batch * accumulation * (steps - 1) < pairs  # ... and only once
+    # Without steps_per_round: the configured batch and accumulation, steps by epochs.
+    assert DPOStepConfig(per_device_batch_size=4).round_schedule(pairs) == (4, 3, -1)
+
+
 def test_load_rejects_missing_checkpoint(run, tmp_path):
     with pytest.raises(ValueError, match="not a DPOStep checkpoint"):
         run.step.load(tmp_path)

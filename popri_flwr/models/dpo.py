@@ -95,7 +95,8 @@ class DPOStepConfig:
         exactly this many optimizer steps and one pass over its pairs fills them, i.e. the
         gradient accumulation is ``ceil(pairs / (per_device_batch_size * steps_per_round))``
         (replacing ``gradient_accumulation_steps``, ``epochs_per_round`` and
-        ``max_steps_per_round``). More pairs then make each step's direction cleaner instead
+        ``max_steps_per_round``; with fewer pairs than that, smaller micro-batches, see
+        :meth:`round_schedule`). More pairs then make each step's direction cleaner instead
         of adding steps: the held-out loss pays its curvature on the adapter's displacement,
         which grows with the steps (docs/learning.md, stop 19).
     warm_start
@@ -172,6 +173,21 @@ class DPOStepConfig:
         if self.loss_weights is not None and not isinstance(self.loss_weights, str):
             self.loss_weights = tuple(self.loss_weights)
         self.validate()
+
+    def round_schedule(self, num_pairs: int) -> tuple[int, int, int]:
+        """Micro-batch, gradient accumulation and ``max_steps`` (-1: by epochs) of a round.
+
+        With ``steps_per_round = n``, one pass over the ``P`` pairs fills exactly n steps: the
+        micro-batch is ``b = min(per_device_batch_size, ceil(P / n))`` and the accumulation
+        ``ceil(P / (b n))``. The smaller micro-batch keeps pairs from repeating when
+        ``P < per_device_batch_size * n`` (they repeat only when ``P < n``).
+        """
+        if self.steps_per_round is None:
+            steps = self.max_steps_per_round or -1
+            return self.per_device_batch_size, self.gradient_accumulation_steps, steps
+        n = self.steps_per_round
+        batch = max(1, min(self.per_device_batch_size, math.ceil(num_pairs / n)))
+        return batch, math.ceil(num_pairs / (batch * n)), n
 
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the first bad key (``dpo.<key>: ...``)."""
@@ -403,10 +419,7 @@ class DPOStep:
         round_seed = cfg.seed + self.rounds_trained
         if not cfg.warm_start and self.rounds_trained:
             self._restart()
-        accumulation, max_steps = cfg.gradient_accumulation_steps, cfg.max_steps_per_round or -1
-        if cfg.steps_per_round is not None:  # one pass over the pairs fills the fixed steps
-            max_steps = cfg.steps_per_round
-            accumulation = math.ceil(len(records) / (cfg.per_device_batch_size * max_steps))
+        batch, accumulation, max_steps = cfg.round_schedule(len(records))
         start = time.perf_counter()
         workdir = Path(tempfile.mkdtemp(prefix="popri_dpo_"))
         trainer = None
@@ -417,7 +430,7 @@ class DPOStep:
                 loss_type=list(cfg.loss_type),
                 loss_weights=None if cfg.loss_weights is None else list(cfg.loss_weights),
                 learning_rate=cfg.learning_rate,  # informational: the optimizer is ours
-                per_device_train_batch_size=cfg.per_device_batch_size,
+                per_device_train_batch_size=batch,
                 gradient_accumulation_steps=accumulation,
                 num_train_epochs=cfg.epochs_per_round,
                 max_steps=max_steps,
