@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from popri_flwr.algorithms.preference import build_pairs
+from popri_flwr.algorithms.preference import build_pairs, pairs_from_rows
 from popri_flwr.algorithms.scoring import score_matrix
 from popri_flwr.data import load_federation
 from popri_flwr.evaluation.downstream import encode_for_lm, evaluate_lm
@@ -58,11 +58,7 @@ def round_pairs(run_dir: Path, strategy, rnd: int = 1) -> list[dict[str, str]]:
     """The preference pairs of round ``rnd`` of a finished run, from its released samples,
     as ``strategy`` (``reject_rank``, ``pairing``) builds them."""
     rows, j = read_round(run_dir, rnd)
-    prompts = [r["prompt"] for r in rows[::j]]
-    scores = np.array([r["noisy_score"] for r in rows])
-    texts = [r["text"] for r in rows]
-    pairs = build_pairs(prompts, texts, scores, j, strategy.reject_rank, pairing=strategy.pairing)
-    return pairs.as_records()
+    return pairs_from_rows(rows, j, strategy.reject_rank, strategy.pairing).as_records()
 
 
 def cohort_pairs(

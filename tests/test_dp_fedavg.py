@@ -19,6 +19,7 @@ import torch
 from fakegrid import FakeGrid, set_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.differential_privacy import clip_inputs_inplace
+from tiny_run import at_sample_rate
 
 from popri_flwr.algorithms.fedavg_update import (
     FedAvgConfig,
@@ -326,10 +327,8 @@ def _real_clients(cfg, n):
 
 
 def _every_client_sampled() -> list[str]:
-    """TINY at q = 1: Poisson sampling is secret (OS entropy), so at q = 0.5 a round of 6
-    clients samples none with probability 1/64, and a test that needs replies would flake."""
-    kept = [o for o in TINY if not o.startswith("privacy.sample_rate=")]
-    return [*kept, "privacy.sample_rate=1.0"]
+    """TINY at q = 1: at q = 0.5 a round of 6 clients samples none with probability 1/64."""
+    return at_sample_rate(TINY, 1.0)
 
 
 def test_rounds_with_real_clients_resume_and_evaluate(tmp_path, cfg, federation):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_run import TINY
+from tiny_run import TINY, at_sample_rate
 
 from popri_flwr.hydra_config import load_config
 from popri_flwr.privacy.accounting import compute_epsilon
@@ -21,7 +21,7 @@ from popri_flwr.simulation import run_simulation
 # q = 0.75, not TINY's 0.5: the assertions need replies, and 12 clients at q = 0.5 sample no
 # one once in 4,096 runs (the sampling is secret, so no seed can pin it); at 0.75, once in 1.7e7.
 Q = 0.75
-SIM = [*(o for o in TINY if not o.startswith("privacy.sample_rate=")), f"privacy.sample_rate={Q}"]
+SIM = at_sample_rate(TINY, Q)
 
 
 @pytest.fixture(scope="module")

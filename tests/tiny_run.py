@@ -17,3 +17,10 @@ TINY = [
     "dpo.per_device_batch_size=3",
     "evaluation.max_eval_texts=50",
 ]
+
+
+def at_sample_rate(overrides: list[str], sample_rate: float) -> list[str]:
+    """``overrides`` at another Poisson sampling rate. Sampling is secret (OS entropy), so a
+    test that needs replies takes a rate at which a round sampling no one is negligible."""
+    kept = [o for o in overrides if not o.startswith("privacy.sample_rate=")]
+    return [*kept, f"privacy.sample_rate={sample_rate}"]

@@ -83,10 +83,10 @@ def build_pairs(
     ranks = [(0, reject_rank)]
     if pairing == "all":
         ranks = [(a, b) for a in range(j) for b in range(a + reject_rank, j)]
+    a, b = np.array(ranks).T
     # Stable sort on -score: ties keep generation order, so results are deterministic.
     order = np.argsort(-scores.reshape(k, j), axis=1, kind="stable") + np.arange(k)[:, None] * j
-    chosen = np.array([order[i, a] for i in range(k) for a, _ in ranks], dtype=np.int64)
-    rejected = np.array([order[i, b] for i in range(k) for _, b in ranks], dtype=np.int64)
+    chosen, rejected = order[:, a].ravel(), order[:, b].ravel()  # prompt-major
     keep = [
         n
         for n in range(len(chosen))
