@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="prefix of the run names (for --overrides)")
     parser.add_argument("--out", type=Path, default=Path("outputs/control"))
     parser.add_argument("--csv", type=Path, default=Path("docs/feedback_control.csv"))
+    parser.add_argument(
+        "--placebo-noise", type=float, default=1e4,
+        help="the placebo's noise multiplier (default 1e4; a federation of 13,342 one-paragraph "
+        "clients sums scores into the hundreds, so use 1e6 there)",
+    )  # fmt: skip
     parser.add_argument("--report", action="store_true", help="only read finished runs")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (after --)")
     args = parser.parse_args(argv)
@@ -81,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             for arm in args.arms:
                 path = args.out / f"{tag}{arm}_{i}"
                 if len(read_run(path)) < 3:
-                    launch(path, [*ARMS[arm], *args.overrides], args.texts, args.seed)
+                    arm_overrides = ARMS[arm]
+                    if arm == "placebo":
+                        arm_overrides = [f"privacy.noise_multiplier={args.placebo_noise}"]
+                    launch(path, [*arm_overrides, *args.overrides], args.texts, args.seed)
     rows = []
     for path in sorted(args.out.glob("*_[0-9]*")):
         name, _, i = path.name.rpartition("_")

@@ -73,3 +73,8 @@ def test_second_run_resumes_with_spent_privacy(run_dir):
     assert (run_dir / "samples/round_001.jsonl").read_text() == before  # round 1 not redone
     state = json.loads((run_dir / "state.json").read_text())
     assert state["finished_round"] == 2 and state["accountant"]["rounds_spent"] == 2
+    # Round 2 scores the samples round 1 wrote after its DPO step: the "scored" measures of
+    # round 2 are the "next" measures of round 1, also across the resume.
+    first, second = read_diagnostics(run_dir)
+    for key in ("fid", "similarity", "diversity"):
+        assert second[f"{key}_scored"] == pytest.approx(first[f"{key}_next"], rel=1e-4)

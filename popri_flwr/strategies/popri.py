@@ -419,6 +419,8 @@ class PopriStrategy(PrivateStrategy):
     def evaluate_round(self, server_round: int) -> dict[str, Any]:
         """Diagnostics only: FID and similarity of the samples, pair recovery.
 
+        ``*_scored`` measure the samples the clients just scored (the previous generator's),
+        ``*_next`` the fresh samples of the updated one.
         ``similarity_next`` is the fresh samples' mean similarity to held-out private text,
         ``mean_k E_k . mean_j P_j`` (the quantity clients score, so it should rise as POPri
         learns); ``diversity_next`` is the trace of their covariance; FID sees both.
@@ -439,10 +441,13 @@ class PopriStrategy(PrivateStrategy):
             )
         if self.eval_embeddings is None or len(self.eval_embeddings) < 2:
             return out
+        scored = self._distance_to_eval(self._scored_emb)
         nxt = self._distance_to_eval(self.sample_emb)
         return {
             **out,
-            "fid_scored": fid(self._scored_emb, self.eval_embeddings),
+            "fid_scored": scored["fid"],
+            "similarity_scored": scored["similarity"],
+            "diversity_scored": scored["diversity"],
             "fid_next": nxt["fid"],
             "similarity_next": nxt["similarity"],
             "diversity_next": nxt["diversity"],
