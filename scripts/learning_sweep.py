@@ -93,11 +93,17 @@ def embedder():
 
 def sample_stats(texts: list[str], ev: np.ndarray) -> dict:
     """FID (mean and covariance terms), diversity and similarity of ``texts`` to ``ev``."""
+    return embedding_stats(embedder().embed(texts).astype(np.float64), ev)
+
+
+def embedding_stats(e: np.ndarray, ev: np.ndarray, w: np.ndarray | None = None) -> dict:
+    """:func:`sample_stats` of embeddings ``e``, each weighted by ``w`` (default: equally)."""
     from scipy import linalg
 
-    e = embedder().embed(texts).astype(np.float64)
-    mu_s, mu_p = e.mean(0), ev.mean(0)
-    cov_s, cov_p = np.cov(e, rowvar=False), np.cov(ev, rowvar=False)
+    w = np.full(len(e), 1.0 / len(e)) if w is None else w / w.sum()
+    mu_s, mu_p = w @ e, ev.mean(0)
+    cov_s = (e - mu_s).T @ ((e - mu_s) * w[:, None]) / (1 - (w**2).sum())  # unbiased
+    cov_p = np.cov(ev, rowvar=False)
     mean_term = float(((mu_s - mu_p) ** 2).sum())
     cov_term = float(np.trace(cov_s + cov_p - 2 * linalg.sqrtm(cov_s @ cov_p).real))
     return {
@@ -105,7 +111,7 @@ def sample_stats(texts: list[str], ev: np.ndarray) -> dict:
         "fid_mean_term": mean_term,
         "fid_cov_term": cov_term,
         "diversity": float(np.trace(cov_s)),
-        "similarity": float(np.mean(e @ mu_p)),
+        "similarity": float(mu_s @ mu_p),
     }
 
 

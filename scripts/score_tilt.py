@@ -33,29 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy import linalg
 
 sys.path.insert(0, str(Path(__file__).parent))
 import learning_sweep  # noqa: E402  (scripts/, for the held-out sample and the embedder)
 
 TAUS = (float("inf"), 2.0, 1.0, 0.5, 0.25)
-
-
-def weighted_stats(emb: np.ndarray, w: np.ndarray, ev: np.ndarray) -> dict[str, float]:
-    """FID terms, diversity and similarity of the distribution putting weight ``w`` on ``emb``."""
-    w = w / w.sum()
-    mu_s, mu_p = w @ emb, ev.mean(0)
-    cov_s = (emb - mu_s).T @ ((emb - mu_s) * w[:, None]) / (1 - (w**2).sum())
-    cov_p = np.cov(ev, rowvar=False)
-    mean_term = float(((mu_s - mu_p) ** 2).sum())
-    cov_term = float(np.trace(cov_s + cov_p - 2 * linalg.sqrtm(cov_s @ cov_p).real))
-    return {
-        "fid": mean_term + cov_term,
-        "fid_mean_term": mean_term,
-        "fid_cov_term": cov_term,
-        "diversity": float(np.trace(cov_s)),
-        "similarity": float(mu_s @ mu_p),
-    }
 
 
 def tilt(scores: np.ndarray, prompt: np.ndarray, tau: float) -> np.ndarray:
@@ -97,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     print("score        tau   FID     mean term  cov term  diversity  similarity")
     for name, s in scores.items():
         for tau in TAUS:
-            st = weighted_stats(emb, tilt(s, prompt, tau), ev)
+            st = learning_sweep.embedding_stats(emb, ev, tilt(s, prompt, tau))
             out.append({"score": name, "tau": tau, **st})
             print(
                 f"{name:11s} {tau:5.2f}  {st['fid']:.4f}  {st['fid_mean_term']:.4f}     "
