@@ -19,6 +19,17 @@ def test_defaults_and_demo_compose():
     assert cfg.privacy.delta == pytest.approx(1e-5)
 
 
+def test_paragraphs_experiment_is_the_demo_at_federation_scale():
+    demo, cfg = load_config(["experiment=demo"]), load_config(["experiment=paragraphs"])
+    assert (cfg.rounds, cfg.strategy.samples_per_prompt, cfg.privacy.epsilon) == (
+        demo.rounds, demo.strategy.samples_per_prompt, demo.privacy.epsilon
+    )  # fmt: skip
+    assert cfg.data.client_key == "paragraph" and cfg.privacy.sample_rate == 1.0
+    assert cfg.strategy.num_prompts == 256 and cfg.public_set.size == 128
+    assert cfg.dpo.learning_rate == pytest.approx(3e-4) and cfg.dpo.steps_per_round == 4
+    assert cfg.evaluation.generator_eval_texts == 200
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
