@@ -38,10 +38,12 @@ import yaml
 
 from popri_flwr.evaluation.plots import read_rounds
 
+#: The placebo's noise multiplier unless ``--placebo-noise`` says otherwise.
+PLACEBO_NOISE = 10000.0
 ARMS: dict[str, list[str]] = {
     "popri": [],
     "noise_free": ["privacy.epsilon=inf"],
-    "placebo": ["privacy.noise_multiplier=10000"],
+    "placebo": [f"privacy.noise_multiplier={PLACEBO_NOISE}"],
 }
 COLUMNS = (
     "tag", "arm", "run", "round", "generator_loss", "generator_loss_change", "generator_top1",
@@ -73,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/control"))
     parser.add_argument("--csv", type=Path, default=Path("docs/feedback_control.csv"))
     parser.add_argument(
-        "--placebo-noise", type=float, default=1e4,
-        help="the placebo's noise multiplier (default 1e4; a federation of 13,342 one-paragraph "
-        "clients sums scores into the hundreds, so use 1e6 there)",
+        "--placebo-noise", type=float, default=PLACEBO_NOISE,
+        help=f"the placebo's noise multiplier (default {PLACEBO_NOISE:g}; a federation of "
+        "13,342 one-paragraph clients sums scores into the hundreds, so use 1e6 there)",
     )  # fmt: skip
     parser.add_argument("--report", action="store_true", help="only read finished runs")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (after --)")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                 path = args.out / f"{tag}{arm}_{i}"
                 if len(read_run(path)) < 3:
                     arm_overrides = ARMS[arm]
-                    if arm == "placebo":
+                    if arm == "placebo":  # the flag's value replaces the default's
                         arm_overrides = [f"privacy.noise_multiplier={args.placebo_noise}"]
                     launch(path, [*arm_overrides, *args.overrides], args.texts, args.seed)
     rows = []
