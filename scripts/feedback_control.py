@@ -21,7 +21,8 @@ follows. The measure is ``generator_loss``: the generator's own next-token cross
 200 held-out private paragraphs after each round. It is deterministic given
 the generator (no sampling noise, unlike the FID of 96 samples), so its change is the
 generator's. Diagnostics (un-noised statistics of private data): for reports, not releases.
-Writes ``docs/feedback_control.csv`` (one line per run and round) and prints a summary.
+Writes ``docs/feedback_control.csv`` (one line per run and round; rows of runs not on disk
+are kept) and prints a summary.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                     "overrides": what,
                 }
             )  # fmt: skip
+    rows = kept_rows(args.csv, rows) + rows
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -129,6 +131,27 @@ def main(argv: list[str] | None = None) -> None:
     summarize(rows)
     if rows:
         print(f"wrote {plot(rows, args.csv.with_suffix('.png'))}")
+
+
+def kept_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Rows of an existing CSV whose run (tag, arm, run) is not among ``rows``.
+
+    ``outputs/`` is not committed, so a fresh checkout has none of the runs behind the docs'
+    CSV; rereading the runs it has must not drop the rows of those it lacks.
+    """
+    if not path.exists():
+        return []
+    have = {(r["tag"], r["arm"], int(r["run"])) for r in rows}
+    old = pd.read_csv(path, keep_default_na=False, dtype={"tag": str})
+    keep = [
+        {**r, "run": int(r["run"]), "round": int(r["round"])}
+        for r in old.to_dict("records")
+        if (r["tag"], r["arm"], int(r["run"])) not in have
+    ]
+    for r in keep:  # CSV strings back to numbers (empty cells stay None)
+        for c in COLUMNS[4:-1]:
+            r[c] = None if r[c] == "" else float(r[c])
+    return keep
 
 
 def summarize(rows: list[dict]) -> None:
