@@ -13,6 +13,14 @@ of a resampled prompt come along), the unit the generator draws afresh each roun
 held-out set fixed. ``dFID`` is FID(G) - FID(G-1) and its standard error combines the two
 generators' bootstrap errors (independent sample sets). A fall counts when dFID < -2 SE.
 
+Each round draws new prompts, and the prompts alone move FID. ``--base`` also has the base
+model write J samples for each of the same prompts (``learning_sweep.BaseSamples``: the demo's
+sampling, its own seed) and reports ``fid_vs_base`` = FID(G) - FID(base, same prompts), with a
+bootstrap that resamples the prompts of both together (paired). For G = 0 it is the base
+model against itself on other draws: the sampling noise alone. ``--held-out run`` measures
+against the run's own diagnostic held-out set (``evaluation.max_eval_texts`` texts of its
+federation and seed, as its ``fid_scored``/``fid_next``) instead of the sweep's 1,000.
+
 Everything here is measured against held-out *private* text: a DIAGNOSTIC, never a release.
 Writes ``--csv`` (one line per run and generator).
 """
@@ -26,52 +34,79 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import learning_sweep  # noqa: E402  (scripts/: the held-out sample, embedder, FID terms)
 
 COLUMNS = (
     "run", "generator", "samples", "prompts", "fid", "fid_se", "dfid", "dfid_se",
-    "fid_mean_term", "diversity", "similarity",
+    "fid_mean_term", "diversity", "similarity", "fid_base", "fid_vs_base", "fid_vs_base_se",
 )  # fmt: skip
 
 
 def bootstrap_fid(
-    e: np.ndarray, prompt: np.ndarray, ev: np.ndarray, draws: int, rng: np.random.Generator
+    sets: list[tuple[np.ndarray, np.ndarray]], ev: np.ndarray, draws: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """FID of ``draws`` resamples of the prompts (with all their samples) against ``ev``."""
-    groups = [np.flatnonzero(prompt == k) for k in np.unique(prompt)]
-    out = np.empty(draws)
+    """FIDs of ``draws`` joint resamples of the prompts, one column per (embeddings, prompt) set.
+
+    ``prompt[i]`` is the prompt index of row i; all sets share the prompts, and each draw takes
+    the same resampled prompts (with all their samples) from every set.
+    """
+    groups = [[np.flatnonzero(p == k) for k in range(int(p.max()) + 1)] for _, p in sets]
+    out = np.empty((draws, len(sets)))
     for b in range(draws):
-        pick = rng.integers(len(groups), size=len(groups))
-        idx = np.concatenate([groups[i] for i in pick])
-        out[b] = learning_sweep.embedding_stats(e[idx], ev)["fid"]
+        pick = rng.integers(len(groups[0]), size=len(groups[0]))
+        for c, ((e, _), g) in enumerate(zip(sets, groups, strict=True)):
+            idx = np.concatenate([g[i] for i in pick])
+            out[b, c] = learning_sweep.embedding_stats(e[idx], ev)["fid"]
     return out
+
+
+def held_out(which: str, run: Path) -> np.ndarray:
+    """The sweep's 1,000 held-out texts, or the run's own diagnostic held-out set."""
+    if which == "sweep":
+        return learning_sweep.eval_embeddings()
+    from popri_flwr.data import DataConfig, load_federation
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    fed = load_federation(DataConfig(**cfg["data"]))
+    texts = fed.eval_sample(cfg["evaluation"]["max_eval_texts"], cfg["seed"])
+    return learning_sweep.embedder().embed(texts).astype(np.float64)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories")
     parser.add_argument("--draws", type=int, default=200, help="bootstrap resamples (200)")
+    parser.add_argument("--base", action="store_true", help="also the base model, same prompts")
+    parser.add_argument("--held-out", choices=("sweep", "run"), default="sweep")
     parser.add_argument("--csv", type=Path, default=Path("outputs/fid_by_generator.csv"))
     args = parser.parse_args(argv)
     for run in args.runs:
         if not list((run / "samples").glob("round_*.jsonl")):
             parser.error(f"{run}: no samples/round_*.jsonl (expected a popri-run directory)")
 
-    ev = learning_sweep.eval_embeddings()
     emb = learning_sweep.embedder()
+    base = learning_sweep.BaseSamples() if args.base else None
     rng = np.random.default_rng(0)  # resampling for error bars: public randomness
     rows = []
     for run in args.runs:
+        ev = held_out(args.held_out, run)
         prev = None
         for path in sorted((run / "samples").glob("round_*.jsonl")):
             records = [json.loads(x) for x in path.read_text().splitlines() if x]
-            prompt = np.unique([r["prompt"] for r in records], return_inverse=True)[1]
+            prompt = np.array([r["prompt_id"] for r in records])
             e = emb.embed([r["text"] for r in records]).astype(np.float64)
             stats = learning_sweep.embedding_stats(e, ev)
-            boot = bootstrap_fid(e, prompt, ev, args.draws, rng)
-            se = float(boot.std(ddof=1))
+            sets = [(e, prompt)]
+            if base is not None:  # J samples per prompt, in prompt_id order
+                texts = {r["prompt_id"]: r["prompt"] for r in records}
+                j = len(records) // len(texts)
+                eb = emb.embed(base.texts([texts[k] for k in sorted(texts)], j))
+                sets.append((eb.astype(np.float64), np.repeat(np.arange(len(texts)), j)))
+            boot = bootstrap_fid(sets, ev, args.draws, rng)
+            se = float(boot[:, 0].std(ddof=1))
             row = {
                 "run": run.name, "generator": int(path.stem.split("_")[1]) - 1,
                 "samples": len(records), "prompts": int(prompt.max()) + 1,
@@ -79,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
                 "fid_mean_term": stats["fid_mean_term"], "diversity": stats["diversity"],
                 "similarity": stats["similarity"],
             }  # fmt: skip
+            if base is not None:
+                row["fid_base"] = learning_sweep.embedding_stats(sets[1][0], ev)["fid"]
+                row["fid_vs_base"] = row["fid"] - row["fid_base"]
+                row["fid_vs_base_se"] = float((boot[:, 0] - boot[:, 1]).std(ddof=1))
             if prev is not None:
                 row["dfid"] = stats["fid"] - prev["fid"]
                 row["dfid_se"] = float(np.hypot(se, prev["fid_se"]))
@@ -89,7 +128,12 @@ def main(argv: list[str] | None = None) -> None:
                 fall = f"  dFID {row['dfid']:+.4f} +- {row['dfid_se']:.4f}"
             print(
                 f"{run.name} G{row['generator']}: FID {row['fid']:.4f} +- {se:.4f}{fall}  "
-                f"div {row['diversity']:.3f} sim {row['similarity']:.3f}",
+                f"div {row['diversity']:.3f} sim {row['similarity']:.3f}"
+                + (
+                    ""
+                    if base is None
+                    else f"  vs base {row['fid_vs_base']:+.4f} +- {row['fid_vs_base_se']:.4f}"
+                ),
                 flush=True,
             )
     args.csv.parent.mkdir(parents=True, exist_ok=True)
