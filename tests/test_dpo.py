@@ -310,8 +310,9 @@ def test_cold_rounds_refit_from_the_initial_adapter_in_fixed_steps(run, tmp_path
         state = _lora_state(step)
         for name, weights in run.lora1.items():
             # atol: Adam's first step is lr * g / (|g| + eps); where |g| ~ eps, float rounding
-            # of the batched gradient shows (a warm second round moves B by ~lr more).
-            torch.testing.assert_close(state[name], weights, rtol=1e-3, atol=1e-2 * PEAK_LR)
+            # of the batched gradient shows (seen: 1.3e-5 on one weight of 3,072 after a fresh
+            # set-up). A warm second round moves B by ~lr more: 20x this tolerance.
+            torch.testing.assert_close(state[name], weights, rtol=1e-3, atol=5e-2 * PEAK_LR)
         assert _adam_steps(step) == {1.0}  # a fresh AdamW each round
     assert (step.global_step, step.rounds_trained) == (2, 2)
     assert max(v.abs().max().item() for n, v in state.items() if "lora_B" in n) > 0
