@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 from pathlib import Path
@@ -63,15 +64,24 @@ def bootstrap_fid(
     return out
 
 
-def held_out(which: str, run: Path) -> np.ndarray:
-    """The sweep's 1,000 held-out texts, or the run's own diagnostic held-out set."""
+def held_out_spec(which: str, run: Path) -> tuple:
+    """What ``--held-out`` means for ``run``: the sweep's set, or (data, texts, seed) of its own."""
     if which == "sweep":
+        return ("sweep",)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    data = json.dumps(cfg["data"], sort_keys=True)
+    return (data, cfg["evaluation"]["max_eval_texts"], cfg["seed"])
+
+
+@functools.cache  # runs of one federation and seed share one embedding pass
+def held_out(spec: tuple) -> np.ndarray:
+    """The sweep's 1,000 held-out texts, or a run's own diagnostic held-out set."""
+    if spec == ("sweep",):
         return learning_sweep.eval_embeddings()
     from popri_flwr.data import DataConfig, load_federation
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    fed = load_federation(DataConfig(**cfg["data"]))
-    texts = fed.eval_sample(cfg["evaluation"]["max_eval_texts"], cfg["seed"])
+    data, n, seed = spec
+    texts = load_federation(DataConfig(**json.loads(data))).eval_sample(n, seed)
     return learning_sweep.embedder().embed(texts).astype(np.float64)
 
 
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)  # resampling for error bars: public randomness
     rows = []
     for run in args.runs:
-        ev = held_out(args.held_out, run)
+        ev = held_out(held_out_spec(args.held_out, run))
         prev = None
         for path in sorted((run / "samples").glob("round_*.jsonl")):
             records = [json.loads(x) for x in path.read_text().splitlines() if x]
