@@ -176,7 +176,8 @@ class EvaluationConfig:
     max_eval_texts: int = 2000
     #: POPri diagnostics: this many fixed prompts (x samples_per_prompt), sampled after every
     #: round with the same seeds, so ``fid_probe`` does not move with the prompts (the round's
-    #: own are new each round); it still carries FID's sampling noise. 0 = off.
+    #: own are new each round); it still carries FID's sampling noise, whose size the
+    #: round's ``fid_probe_change_se`` states (a paired bootstrap over the prompts). 0 = off.
     probe_prompts: int = 0
     #: POPri diagnostics: the generator's own next-token loss and accuracy on this many
     #: held-out private texts (``generator_loss``), after every round. Deterministic given the

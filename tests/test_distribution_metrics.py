@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from popri_flwr.evaluation.distribution_metrics import fid, precision_recall
+from popri_flwr.evaluation.distribution_metrics import fid, fid_change_bootstrap, precision_recall
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
@@ -115,6 +115,44 @@ def test_fid_errors(a, b, message):
 
 
 # ------------------------------------------------------------------ precision / recall
+def test_fid_change_bootstrap_change_is_the_fid_difference():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(300, 6))
+    before = rng.normal(size=(240, 6))
+    after = before * 1.2 + 0.3
+    groups = np.repeat(np.arange(40), 6)
+    out = fid_change_bootstrap(before, after, ref, groups, draws=50, rng=rng)
+    assert out["change"] == pytest.approx(fid(after, ref) - fid(before, ref), rel=1e-9)
+    assert out["se"] > 0
+    same = fid_change_bootstrap(before, before.copy(), ref, groups, draws=20, rng=rng)
+    assert same == {"change": 0.0, "se": 0.0}  # a paired draw of one set against itself
+    with pytest.raises(ValueError, match="same rows"):
+        fid_change_bootstrap(before, after[:-1], ref, groups)
+    with pytest.raises(ValueError, match="same rows"):
+        fid_change_bootstrap(before, after, ref, groups[:-1])
+
+
+def test_fid_change_bootstrap_se_matches_the_spread_over_fresh_prompts():
+    """Calibration: each replicate draws new prompts (a strong prompt effect, shared by both
+    sets) and new samples; the bootstrap SE of one replicate should match the spread of the
+    change across replicates. An unpaired resampling would count the prompt effect twice.
+    (Measured away from FID 0, as in the runs; near 0 the square roots make it conservative.)"""
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(2000, 3)) + 0.5
+    k, j, d = 60, 4, 3
+    groups = np.repeat(np.arange(k), j)
+    changes, ses = [], []
+    for _ in range(120):
+        prompt = np.repeat(rng.normal(scale=1.0, size=(k, d)), j, axis=0)
+        before = prompt + rng.normal(scale=0.5, size=(k * j, d))
+        after = prompt * 0.9 + 0.1 + rng.normal(scale=0.5, size=(k * j, d))
+        out = fid_change_bootstrap(before, after, ref, groups, draws=60, rng=rng)
+        changes.append(out["change"])
+        ses.append(out["se"])
+    assert np.mean(changes) < -3 * np.std(changes)  # after is closer to the reference
+    assert 0.8 < np.mean(ses) / np.std(changes) < 1.25
+
+
 def test_precision_recall_identical_sets():
     x = np.random.default_rng(5).standard_normal((60, 6))
     out = precision_recall(x, x.copy())

@@ -276,6 +276,8 @@ def test_probe_and_generator_eval_measure_the_generator_alone(cfg, tmp_path, mon
         probes[1]["fid_probe"] - probes[0]["fid_probe"]
     )
     assert {"similarity_probe", "diversity_probe", "generator_top1"} <= diag.keys()
+    # The change's standard error: a paired bootstrap over the probe prompts of both probes.
+    assert 0 < diag["fid_probe_change_se"] < 10 * abs(diag["fid_probe_change"]) + 1
     assert real_probe() == probes[1]  # the same generator writes the same texts
     # One DPO step moved the policy, and the change is measured from the base model's loss.
     assert diag["generator_loss"] != base_loss

@@ -34,6 +34,7 @@ COLUMNS = (
     ("diversity_next", "div next"),
     ("fid_probe", "FID probe"),
     ("fid_probe_change", "probe chg"),
+    ("fid_probe_change_se", "chg SE"),
     ("generator_loss", "gen loss"),
     ("generator_loss_change", "loss chg"),
     ("accuracy", "top-1"),

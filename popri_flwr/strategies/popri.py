@@ -28,7 +28,7 @@ from popri_flwr.algorithms.preference import PAIRINGS, build_pairs, pairs_from_r
 from popri_flwr.algorithms.prompts import PROMPT_STYLES, build_prompts
 from popri_flwr.algorithms.public_set import build_public_set
 from popri_flwr.config import check as _check
-from popri_flwr.evaluation.distribution_metrics import fid
+from popri_flwr.evaluation.distribution_metrics import fid, fid_change_bootstrap
 from popri_flwr.evaluation.downstream import encode_for_lm, evaluate_lm
 from popri_flwr.models.dpo import DPOStep
 from popri_flwr.models.embedding import Embedder
@@ -155,6 +155,8 @@ class PopriStrategy(PrivateStrategy):
         if generator_eval_texts:
             self._gen_eval = encode_for_lm(list(generator_eval_texts), tokenizer, GEN_EVAL_LEN)
         self._measured_last: dict[str, float] = {}  # the generator measures of the last round
+        self._probe_emb: np.ndarray | None = None  # the last probe's samples, embedded
+        self._probe_groups: np.ndarray | None = None  # their prompt indices
         self.public_texts: list[str] = []
         self.prompts: list[str] = []
         self.samples: list[str] = []
@@ -429,11 +431,23 @@ class PopriStrategy(PrivateStrategy):
         order the noise-free sum agrees with: ``clean[chosen] > clean[rejected]``. It needs
         the un-noised sum, which only a simulation with diagnostics keeps.
         """
+        probe_before = self._probe_emb
         out: dict[str, Any] = self._measure_generator()
         for key in ("fid_probe", "generator_loss"):
             if key in out and key in self._measured_last:
                 out[f"{key}_change"] = out[key] - self._measured_last[key]
         self._measured_last = dict(out)
+        if probe_before is not None and "fid_probe_change" in out:
+            with self.timer("probe"):
+                boot = fid_change_bootstrap(
+                    probe_before,
+                    self._probe_emb,
+                    self.eval_embeddings,
+                    self._probe_groups,
+                    draws=PROBE_BOOTSTRAP_DRAWS,
+                    rng=self.rng_for(server_round, "probe_bootstrap"),
+                )
+            out["fid_probe_change_se"] = boot["se"]
         pairs = getattr(self, "_pairs", None)
         if self._clean_sum is not None and pairs is not None and len(pairs):
             out["recovery"] = pair_recovery(
@@ -485,9 +499,13 @@ class PopriStrategy(PrivateStrategy):
         per-token random draws fixed (common random numbers), so an unchanged generator writes
         the same texts. It removes the prompts' share of the noise, not FID's sampling noise:
         once a DPO step flips one token of a text, the rest of it is new (measured in the demo:
-        one step with a reward margin of 0.0007 moved ``fid_probe`` of 96 texts by 0.02). For
-        a measure without sampling noise see :meth:`generator_eval`. Prompts and seeds are
-        public randomness (the config seed); the held-out text is private: a diagnostic.
+        one step with a reward margin of 0.0007 moved ``fid_probe`` of 96 texts by 0.02). So
+        :meth:`evaluate_round` also reports ``fid_probe_change_se``, the standard error of the
+        round's change from a paired bootstrap over the probe prompts
+        (:func:`~popri_flwr.evaluation.distribution_metrics.fid_change_bootstrap`): a change
+        beyond ~2 SE is the generator's, not the draws'. For a measure without sampling noise
+        see :meth:`generator_eval`. Prompts and seeds are public randomness (the config seed);
+        the held-out text is private: a diagnostic.
 
         Returns
         -------
@@ -501,6 +519,8 @@ class PopriStrategy(PrivateStrategy):
                 self.generator, prompts, params, self.j, tokenizer=self.tokenizer
             )
             emb = self.embedder.embed([s for group in groups for s in group])
+        self._probe_emb = emb
+        self._probe_groups = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         return {f"{k}_probe": v for k, v in self._distance_to_eval(emb).items()}
 
     def generator_eval(self) -> dict[str, float]:
@@ -561,6 +581,8 @@ class PopriStrategy(PrivateStrategy):
 
 #: Tokens of each held-out text the generator's own loss is measured on (BOS included).
 GEN_EVAL_LEN = 64
+#: Prompt resamples behind ``fid_probe_change_se`` (~0.1 s each for 1,536 x 384 embeddings).
+PROBE_BOOTSTRAP_DRAWS = 200
 
 
 def pair_recovery(clean: np.ndarray, chosen: Any, rejected: Any) -> float:
