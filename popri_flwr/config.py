@@ -139,6 +139,13 @@ class SimulationConfig:
         resources divided by these).
     round_timeout
         Seconds to wait for a round's replies.
+    min_reply_fraction
+        Stop the run, before the round's release, when fewer than this share of the sampled
+        clients replied (failed nodes, timeouts): a release on a handful of clients spends a
+        full round's budget for little signal (Ray does not replace a client actor its memory
+        monitor killed, so such failures persist). Nothing of the stopped round is released
+        or spent; the same command resumes. 0 = go on with whoever replied. Also read by the
+        Flower app (``flwr run``) and deployments.
     init_args
         ``ray.init`` arguments, e.g. ``{address: "HEAD_IP:6379"}`` for an existing cluster.
     """
@@ -148,6 +155,7 @@ class SimulationConfig:
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
     round_timeout: float = 600.0
+    min_reply_fraction: float = 0.5
     init_args: dict[str, Any] = field(default_factory=dict)
 
     def population(self, available: int) -> int:
@@ -392,6 +400,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         "simulation.client_num_cpus",
         "must be > 0",
         cfg.simulation.client_num_cpus,
+    )
+    check(
+        0.0 <= cfg.simulation.min_reply_fraction <= 1.0,
+        "simulation.min_reply_fraction",
+        "must be in [0, 1]",
+        cfg.simulation.min_reply_fraction,
     )
     check(
         cfg.simulation.clients_per_node >= 1,

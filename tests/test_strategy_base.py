@@ -23,7 +23,12 @@ from popri_flwr.privacy.accounting import PrivacyAccountant, compute_epsilon
 from popri_flwr.privacy.clipping import clip_to_norm
 from popri_flwr.privacy.diagnostics import read_diagnostics
 from popri_flwr.run_dir import RunDirectory
-from popri_flwr.strategies.base import NOT_DP_MARKER, PopulationError, PrivateStrategy
+from popri_flwr.strategies.base import (
+    NOT_DP_MARKER,
+    PopulationError,
+    PrivateStrategy,
+    TooFewReplies,
+)
 
 DIM = 8
 
@@ -440,6 +445,37 @@ def test_resume_after_crash_does_not_spend_twice(tmp_path):
     assert rounds[-1]["epsilon_spent"] == pytest.approx(
         compute_epsilon(5.0, 1.0, 3, 1e-5, accounting=acc.accounting)
     )
+
+
+def test_a_round_most_clients_miss_stops_before_the_release_and_resumes(tmp_path, caplog):
+    """Failed nodes (e.g. client actors Ray's memory monitor killed) are not replaced: a round
+    under min_reply_fraction stops before the noise, spends nothing, and the run resumes."""
+    broken = {1: honest, 2: failing, 3: failing, 4: failing}
+    first = make(tmp_path, sigma=5.0, eps=50.0, n=4, diagnostics=True)
+    with (
+        caplog.at_level("INFO"),
+        pytest.raises(TooFewReplies, match="min_reply_fraction=0.5") as err,
+    ):
+        first.start(grid=FakeGrid(broken), num_rounds=2)
+    assert "1 of 4" not in str(err.value)  # counts are diagnostics, not in the error
+    assert first.releases == [] and first.accountant.rounds_spent == 0
+    assert not (tmp_path / "checkpoint" / "release_round_001.npy").exists()
+    assert RunDirectory(tmp_path).read_rounds() == []
+    assert "1 of 4 sampled clients replied" in caplog.text  # the diagnostics log only
+
+    again = make(tmp_path, sigma=5.0, eps=50.0, n=4)
+    again.start(grid=FakeGrid({i: honest for i in range(1, 5)}), num_rounds=2)
+    rounds = RunDirectory(tmp_path).read_rounds()
+    assert [r["round"] for r in rounds] == [1, 2] and again.accountant.rounds_spent == 2
+    assert rounds[-1]["epsilon_spent"] == pytest.approx(
+        compute_epsilon(5.0, 1.0, 2, 1e-5, accounting=again.accountant.accounting)
+    )
+    # 0: go on with whoever replied (3 of 4 nodes failed here).
+    lenient = make(tmp_path / "lenient", n=4, min_reply_fraction=0.0)
+    lenient.start(grid=FakeGrid(broken), num_rounds=1)
+    np.testing.assert_allclose(lenient.releases[0], 1 / math.sqrt(DIM), rtol=1e-6)
+    with pytest.raises(ValueError, match="^simulation.min_reply_fraction: must be in"):
+        make(tmp_path / "bad", n=4, min_reply_fraction=1.5)
 
 
 def test_a_lost_state_file_is_refused_instead_of_spending_again(tmp_path, caplog):

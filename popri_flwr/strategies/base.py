@@ -67,6 +67,11 @@ class PopulationError(RuntimeError):
     """The connected nodes are not the population the sampling rate and sensitivity assume."""
 
 
+class TooFewReplies(RuntimeError):
+    """Fewer than ``min_reply_fraction`` of a round's sampled clients replied; nothing was
+    released or spent, and the run resumes at that round."""
+
+
 def record_nbytes(record: RecordDict) -> int:
     """Approximate wire size of a RecordDict: array bytes plus config values."""
     total = 0
@@ -129,6 +134,10 @@ class PrivateStrategy(Strategy):
         never use it: they come from fresh OS entropy every time.
     round_timeout
         Seconds to wait for replies; late replies count as failed clients.
+    min_reply_fraction
+        When fewer than this share of the sampled clients reply (failed or late), the round
+        stops with :class:`TooFewReplies` before anything is noised, released or spent; the
+        run resumes at that round with fresh sampling. 0: release whatever replied.
     node_wait_timeout
         Seconds to wait for ``num_clients`` nodes before giving up with an error.
     diagnostics
@@ -150,6 +159,7 @@ class PrivateStrategy(Strategy):
         run_dir: RunDirectory,
         seed: int = 0,
         round_timeout: float = 600.0,
+        min_reply_fraction: float = 0.5,
         node_wait_timeout: float = 300.0,
         diagnostics: bool = False,
         debug_noise_seed: int | None = None,
@@ -163,7 +173,12 @@ class PrivateStrategy(Strategy):
         self.num_clients = int(num_clients)
         self.run_dir = run_dir
         self.seed = int(seed)
+        if not 0.0 <= min_reply_fraction <= 1.0:
+            raise ValueError(
+                f"simulation.min_reply_fraction: must be in [0, 1], got {min_reply_fraction}"
+            )
         self.round_timeout = float(round_timeout)
+        self.min_reply_fraction = float(min_reply_fraction)
         self.node_wait_timeout = float(node_wait_timeout)
         self.timer = PhaseTimer()
         self.diagnostics = Diagnostics(run_dir.path, diagnostics)
@@ -431,11 +446,12 @@ class PrivateStrategy(Strategy):
             metrics = msg.content.get(REPLY_METRICS)
             if isinstance(metrics, MetricRecord) and "client-seconds" in metrics:
                 client_seconds.append(float(metrics["client-seconds"]))
+        sampled = sum(sent.values()) if sent else accepted + rejected + failed
+        self._check_replies(server_round, accepted + rejected, sampled)
         if self.diagnostics.enabled:  # simulation only: the noise-free sum, never released
             self._clean_sum = total.copy()
         sigma = self.accountant.noise_multiplier
         release = add_noise(total, sigma * self.clip_norm, self.private_rng(server_round, "noise"))
-        sampled = self.diagnostics.get("clients_sampled", accepted + rejected + failed)
         self.diagnostics.add(
             clients_replied=accepted + rejected,
             clients_accepted=accepted,
@@ -446,6 +462,30 @@ class PrivateStrategy(Strategy):
             client_seconds=float(np.mean(client_seconds)) if client_seconds else None,
         )
         return ArrayRecord({"release": Array(release)}), None
+
+    def _check_replies(self, server_round: int, replied: int, sampled: int) -> None:
+        """Raise :class:`TooFewReplies` when under ``min_reply_fraction`` of ``sampled`` replied.
+
+        Called before the noise is drawn: the stopped round releases and spends nothing. The
+        counts go to the diagnostics log only (they are un-noised statistics of the clients).
+        """
+        if sampled == 0 or replied >= self.min_reply_fraction * sampled:
+            return
+        self.diagnostics.log(
+            logging.ERROR,
+            "Round %d: %d of %d sampled clients replied (min_reply_fraction=%g)",
+            server_round,
+            replied,
+            sampled,
+            self.min_reply_fraction,
+        )
+        raise TooFewReplies(
+            f"Round {server_round}: fewer than simulation.min_reply_fraction="
+            f"{self.min_reply_fraction:g} of the sampled clients replied (failed or late nodes; "
+            "see the log). Stopped before the release: nothing of this round was released or "
+            "spent. Fix the nodes (in simulation: more memory per client actor, or fewer runs "
+            "at once) and run the same command again to resume."
+        )
 
     def iter_replies(
         self, grid: Grid, messages: list[Message], timeout: float

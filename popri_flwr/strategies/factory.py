@@ -110,6 +110,7 @@ def build_strategy(
         run_dir=run_dir,
         seed=cfg.seed,
         round_timeout=cfg.simulation.round_timeout,
+        min_reply_fraction=cfg.simulation.min_reply_fraction,
         diagnostics=diagnostics,
         debug_noise_seed=cfg.privacy.debug_noise_seed,
     )
