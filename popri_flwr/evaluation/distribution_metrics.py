@@ -101,16 +101,23 @@ def _sqrtm(m: np.ndarray) -> np.ndarray | None:
     return root
 
 
-def _fid_to(a: np.ndarray, mu_r: np.ndarray, s_r: np.ndarray, root_r: np.ndarray) -> float:
-    """FID of ``a`` to a fixed reference (mean, covariance, its symmetric square root).
+def _fid_to(a: np.ndarray, a_root: np.ndarray, mu_r: np.ndarray, tr_r: float) -> float:
+    """FID of ``a`` to a fixed reference (mean ``mu_r``, covariance trace ``tr_r``).
 
-    ``Tr((S_a S_r)^{1/2})`` is the sum of square roots of the eigenvalues of the symmetric
-    ``R S_a R`` (``R = S_r^{1/2}``): one ``eigh`` per set instead of a general ``sqrtm``.
+    With ``R = S_r^{1/2}`` and ``A`` the centred rows of ``a``, ``Tr((S_a S_r)^{1/2})`` is the
+    sum of square roots of the eigenvalues of ``R S_a R = (A R)^T (A R) / (n - 1)``, which
+    are also those of the n x n Gram matrix ``(A R)(A R)^T / (n - 1)``: one symmetric
+    ``eigh`` of the smaller side instead of a general ``sqrtm``. ``a_root`` is ``a @ R``.
     """
-    s_a = np.atleast_2d(np.cov(a, rowvar=False))
-    eig = np.linalg.eigvalsh(root_r @ s_a @ root_r)
-    diff = a.mean(axis=0) - mu_r
-    value = diff @ diff + np.trace(s_a) + np.trace(s_r) - 2.0 * np.sqrt(eig.clip(min=0)).sum()
+    n = len(a)
+    mean = a.mean(axis=0)
+    centred = a - mean
+    m = a_root - a_root.mean(axis=0)
+    gram = m @ m.T if n < m.shape[1] else m.T @ m
+    eig = np.linalg.eigvalsh(gram) / (n - 1)
+    diff = mean - mu_r
+    tr_a = float(np.einsum("ij,ij->", centred, centred)) / (n - 1)
+    value = diff @ diff + tr_a + tr_r - 2.0 * np.sqrt(eig.clip(min=0)).sum()
     return float(max(value, 0.0))
 
 
@@ -159,11 +166,15 @@ def fid_change_bootstrap(
     mu_r, s_r = ref.mean(axis=0), np.atleast_2d(np.cov(ref, rowvar=False))
     w, v = np.linalg.eigh(s_r)
     root_r = (v * np.sqrt(w.clip(min=0))) @ v.T
+    tr_r = float(np.trace(s_r))
+    before_root, after_root = before @ root_r, after @ root_r  # once, not per draw
     rows = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     rng = rng if rng is not None else np.random.default_rng()
 
     def change_on(idx: np.ndarray) -> float:
-        return _fid_to(after[idx], mu_r, s_r, root_r) - _fid_to(before[idx], mu_r, s_r, root_r)
+        return _fid_to(after[idx], after_root[idx], mu_r, tr_r) - _fid_to(
+            before[idx], before_root[idx], mu_r, tr_r
+        )
 
     changes = np.empty(draws)
     for b in range(draws):
