@@ -50,6 +50,10 @@ def test_paragraphs_experiment_is_the_demo_at_federation_scale():
         ("dpo.beta=-0.1", "dpo.beta"),
         ("evaluation.probe_prompts=-1", "evaluation.probe_prompts"),
         ("evaluation.generator_eval_texts=-5", "evaluation.generator_eval_texts"),
+        ("strategy.update=sft", "strategy.update"),
+        ("strategy.tilt_tau=0", "strategy.tilt_tau"),
+        ("strategy.tilt_keep=0", "strategy.tilt_keep"),
+        ("simulation.min_reply_fraction=2", "simulation.min_reply_fraction"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

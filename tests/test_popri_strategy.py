@@ -19,6 +19,7 @@ from flwr.app import Context, Message, RecordDict
 
 from popri_flwr.algorithms.preference import pairs_from_rows
 from popri_flwr.algorithms.prompts import chat_prompt
+from popri_flwr.algorithms.tilt import tilt_weights
 from popri_flwr.client_apps.app import make_client_app
 from popri_flwr.hydra_config import load_config
 from popri_flwr.models.dpo import DPOStep, DPOStepConfig
@@ -203,6 +204,41 @@ def test_replayed_pairs_are_the_earlier_rounds_released_pairs(cfg, tmp_path, mon
     assert trained[1] == round2.as_records() + round1.as_records()
     rows = strategy.run_dir.read_jsonl(strategy.run_dir.samples_path(2))
     assert strategy.replayed_pairs(3) == pairs_from_rows(rows, J, R, "all").as_records()
+
+
+def test_tilt_update_fits_the_weighted_samples_instead_of_dpo(cfg, tmp_path, monkeypatch):
+    # strategy.update=tilt: the adapter is fitted to each prompt's best samples under the noisy
+    # sum, weighted by softmax(zscore(release) / tau); no DPO round runs.
+    torch.set_num_threads(1)
+    strategy, _ = _strategy(tmp_path, 3.0, monkeypatch, update="tilt", tilt_tau=0.5, tilt_keep=2)
+    fitted, real = [], strategy.dpo.train_weighted_round
+
+    def train_weighted_round(records):  # a spy: records what the fit gets, then trains
+        fitted.append(list(records))
+        return real(records)
+
+    monkeypatch.setattr(strategy.dpo, "train_weighted_round", train_weighted_round)
+    monkeypatch.setattr(strategy.dpo, "train_round", lambda r: pytest.fail("DPO ran"))
+    strategy.start(grid=_client_grid(cfg), num_rounds=1)
+    release = np.load(tmp_path / "run" / "checkpoint" / "release_round_001.npy")
+    rows = RunDirectory(tmp_path / "run").read_jsonl(tmp_path / "run" / "samples/round_001.jsonl")
+    weights = tilt_weights(release, J, 0.5, 2)
+    expected = [
+        {"prompt": row["prompt"], "completion": row["text"], "weight": float(w)}
+        for row, w in zip(rows, weights, strict=True)
+        if w > 0 and row["text"].strip()
+    ]
+    assert fitted == [expected] and len(expected) <= K * 2
+    for k in range(K):  # each prompt's best sample under the noisy sum weighs the most
+        best = k * J + int(np.argmax(release[k * J : (k + 1) * J]))
+        assert weights[best] == weights[k * J : (k + 1) * J].max() > 0.5
+    (record,) = RunDirectory(tmp_path / "run").read_rounds()
+    assert record["tilt_steps"] == 1 and record["tilt_loss"] > 0
+    assert strategy.dpo.rounds_trained == 1
+    with pytest.raises(ValueError, match="^strategy.update: expected one of"):
+        _strategy(tmp_path / "bad", 0.0, monkeypatch, update="sft")
+    with pytest.raises(ValueError, match="^strategy.replay_rounds: only with strategy.update=dpo"):
+        _strategy(tmp_path / "bad2", 0.0, monkeypatch, update="tilt", replay_rounds=1)
 
 
 def test_chat_prompts_are_what_the_generator_and_dpo_both_see(cfg, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ COLUMNS = (
     ("epsilon_spent", "eps spent"),
     ("dpo_loss", "DPO loss"),
     ("dpo_reward_margin", "margin"),
+    ("tilt_loss", "tilt NLL"),
     ("score_gap_mean", "score gap"),
     ("clients_sampled", "sampled"),
     ("clients_accepted", "accepted"),

@@ -515,6 +515,56 @@ class DPOStep:
         )
         return metrics
 
+    def train_weighted_round(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """One round of weighted likelihood on completions instead of DPO (``update=tilt``).
+
+        The same adapter, optimizer, schedule and round counters as :meth:`train_round`, so
+        checkpoints, resume and generation are shared; the step count and micro-batch follow
+        ``steps_per_round`` (else ``max_steps_per_round``, else 1) and
+        ``per_device_batch_size``. See :func:`popri_flwr.models.weighted_fit.weighted_nll_round`.
+
+        Parameters
+        ----------
+        records
+            ``[{"prompt", "completion", "weight"}]``.
+
+        Returns
+        -------
+        dict
+            ``loss`` (weighted mean token NLL), ``steps``, ``sequences``, ``seconds``.
+        """
+        from popri_flwr.models.weighted_fit import weighted_nll_round
+
+        cfg = self.config
+        if not cfg.warm_start and self.rounds_trained:
+            self._restart()
+        start = time.perf_counter()
+        metrics = weighted_nll_round(
+            self._model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            records,
+            steps=cfg.steps_per_round or cfg.max_steps_per_round or 1,
+            micro_batch=cfg.per_device_batch_size,
+            max_length=cfg.max_length,
+            bf16=self.bf16,
+            seed=cfg.seed + self.rounds_trained,
+        )
+        self.global_step += metrics["steps"]
+        self.rounds_trained += 1
+        metrics["seconds"] = time.perf_counter() - start
+        logger.info(
+            "Weighted fit round %d: %d sequences, %d steps (total %d), NLL %.4f, %.1f s",
+            self.rounds_trained,
+            metrics["sequences"],
+            metrics["steps"],
+            self.global_step,
+            metrics["loss"],
+            metrics["seconds"],
+        )
+        return metrics
+
     def save(self, directory: str | Path) -> None:
         """Save the adapter, optimizer, scheduler and step counts to ``directory``.
 

@@ -8,6 +8,8 @@ Round t (K prompts, J samples each, clip C, noise multiplier sigma)::
               pairs = {(best_k, rank-r_k) of each prompt's J samples under s}
               generator_{t+1} = DPO(generator_t, pairs), reference = base model
               (``replay_rounds`` = m: pairs of rounds t-m..t, rebuilt from their releases)
+              (``update=tilt``: weighted likelihood of each prompt's best samples,
+              weights softmax(zscore(s) / tau), instead of DPO)
               regenerate the samples of round t+1
 
 The shared machinery (Poisson sampling, reply checks, noise, accountant, resume) lives in
@@ -27,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from popri_flwr.algorithms.preference import PAIRINGS, build_pairs, pairs_from_rows
 from popri_flwr.algorithms.prompts import PROMPT_STYLES, build_prompts
 from popri_flwr.algorithms.public_set import build_public_set
+from popri_flwr.algorithms.tilt import tilt_weights
 from popri_flwr.config import check as _check
 from popri_flwr.evaluation.distribution_metrics import fid, fid_change_bootstrap
 from popri_flwr.evaluation.downstream import encode_for_lm, evaluate_lm
@@ -84,6 +87,12 @@ class PopriStrategy(PrivateStrategy):
         0 (the paper): this round's pairs only. With ``dpo.warm_start=false`` and
         ``dpo.steps_per_round`` every round refits the base model on all pairs released so far
         in a fixed number of steps, so more pairs make the steps cleaner, not more numerous.
+    update, tilt_tau, tilt_keep
+        The server update: ``"dpo"`` (the paper) or ``"tilt"``: weighted likelihood of each
+        prompt's ``tilt_keep`` best samples with weights ``softmax(zscore(s) / tilt_tau)``
+        (:mod:`popri_flwr.algorithms.tilt`), a step toward DPO's optimum that cannot overshoot
+        it. Same adapter, optimizer and step settings (``dpo.*``); pairs are still built for
+        the diagnostics. Post-processing of the release either way.
     probe_prompts
         Diagnostics: the number of fixed probe prompts (0 = off). See :meth:`probe`.
     generator_eval_texts
@@ -112,6 +121,9 @@ class PopriStrategy(PrivateStrategy):
         prompt_style: str = "list",
         payload: str = "embeddings",
         replay_rounds: int = 0,
+        update: str = "dpo",
+        tilt_tau: float = 1.0,
+        tilt_keep: int = 2,
         embedder_name: str = "",
         eval_embeddings: np.ndarray | None = None,
         probe_prompts: int = 0,
@@ -123,6 +135,12 @@ class PopriStrategy(PrivateStrategy):
             raise ValueError(
                 f"strategy.replay_rounds: must be an integer >= 0, got {replay_rounds!r}"
             )
+        if update not in UPDATES:
+            raise ValueError(f"strategy.update: expected one of {UPDATES}, got {update!r}")
+        if update == "tilt":
+            tilt_weights(np.zeros(samples_per_prompt), samples_per_prompt, tilt_tau, tilt_keep)
+            if replay_rounds:
+                raise ValueError("strategy.replay_rounds: only with strategy.update=dpo")
         if probe_prompts < 0:
             raise ValueError(f"evaluation.probe_prompts: must be >= 0, got {probe_prompts}")
         if not 1 <= reject_rank < samples_per_prompt:
@@ -150,6 +168,7 @@ class PopriStrategy(PrivateStrategy):
         self.prompt_style, self.replay_rounds, self.pairing = prompt_style, replay_rounds, pairing
         self.sampling, self.payload, self.embedder_name = sampling, payload, embedder_name
         self.eval_embeddings = eval_embeddings
+        self.update, self.tilt_tau, self.tilt_keep = update, float(tilt_tau), int(tilt_keep)
         self.probe_prompts = probe_prompts
         self._gen_eval = None
         if generator_eval_texts:
@@ -182,6 +201,20 @@ class PopriStrategy(PrivateStrategy):
         _check(s.pairing in PAIRINGS, "strategy.pairing", f"expected one of {PAIRINGS}", s.pairing)
         _check(s.shots >= 1, "strategy.shots", "must be >= 1", s.shots)
         _check(s.replay_rounds >= 0, "strategy.replay_rounds", "must be >= 0", s.replay_rounds)
+        _check(s.update in UPDATES, "strategy.update", f"expected one of {UPDATES}", s.update)
+        _check(s.tilt_tau > 0, "strategy.tilt_tau", "must be > 0", s.tilt_tau)
+        _check(
+            1 <= s.tilt_keep <= s.samples_per_prompt,
+            "strategy.tilt_keep",
+            f"must be in [1, samples_per_prompt={s.samples_per_prompt}]",
+            s.tilt_keep,
+        )
+        _check(
+            s.update == "dpo" or s.replay_rounds == 0,
+            "strategy.replay_rounds",
+            "only with strategy.update=dpo",
+            s.replay_rounds,
+        )
         _check(
             s.prompt_style in PROMPT_STYLES,
             "strategy.prompt_style",
@@ -240,6 +273,9 @@ class PopriStrategy(PrivateStrategy):
             prompt_style=s.prompt_style,
             payload=s.payload,
             replay_rounds=s.replay_rounds,
+            update=s.update,
+            tilt_tau=s.tilt_tau,
+            tilt_keep=s.tilt_keep,
             sampling=SamplingParams.from_config(g, cfg.seed),
             embedder_name=cfg.embedder.model,
             eval_embeddings=eval_embeddings_for(cfg, federation, embedder, common),
@@ -387,6 +423,14 @@ class PopriStrategy(PrivateStrategy):
             "empty_samples": sum(1 for s in self.samples if not s.strip()),
             "score_gap_mean": float(np.mean(pairs.score_gap)) if len(pairs) else None,
         }
+        if self.update == "tilt":
+            with self.timer("dpo"):
+                fit = self.dpo.train_weighted_round(self.tilt_records(release))
+                self._sync_generator()
+            metrics.update(tilt_loss=fit["loss"], tilt_steps=fit["steps"])
+            self._scored_emb = scored_emb
+            self._regenerate(server_round + 1)
+            return metrics
         replayed = self.replayed_pairs(server_round)
         if replayed:
             metrics["replay_pairs"] = len(replayed)
@@ -405,6 +449,15 @@ class PopriStrategy(PrivateStrategy):
         self._scored_emb = scored_emb
         self._regenerate(server_round + 1)
         return metrics
+
+    def tilt_records(self, release: np.ndarray) -> list[dict[str, Any]]:
+        """The round's samples with their tilt weights (``update=tilt``), weight > 0 only."""
+        weights = tilt_weights(release, self.j, self.tilt_tau, self.tilt_keep)
+        return [
+            {"prompt": self.prompts[i // self.j], "completion": text, "weight": float(w)}
+            for i, (text, w) in enumerate(zip(self.samples, weights, strict=True))
+            if w > 0 and text.strip()
+        ]
 
     def replayed_pairs(self, server_round: int) -> list[dict[str, str]]:
         """The pairs of the ``replay_rounds`` rounds before ``server_round``, as DPO records.
@@ -579,6 +632,8 @@ class PopriStrategy(PrivateStrategy):
         )
 
 
+#: POPri's server updates (``strategy.update``).
+UPDATES = ("dpo", "tilt")
 #: Tokens of each held-out text the generator's own loss is measured on (BOS included).
 GEN_EVAL_LEN = 64
 #: Prompt resamples behind ``fid_probe_change_se`` (~0.1 s each for 1,536 x 384 embeddings).
