@@ -314,6 +314,10 @@ def test_probe_and_generator_eval_measure_the_generator_alone(cfg, tmp_path, mon
     assert {"similarity_probe", "diversity_probe", "generator_top1"} <= diag.keys()
     # The change's standard error: a paired bootstrap over the probe prompts of both probes.
     assert 0 < diag["fid_probe_change_se"] < 10 * abs(diag["fid_probe_change"]) + 1
+    # Since the base model's probe (kept in checkpoint/): after one round, the same change.
+    assert diag["fid_probe_vs_base"] == pytest.approx(diag["fid_probe_change"], rel=1e-6)
+    assert diag["fid_probe_vs_base_se"] > 0
+    assert (tmp_path / "run" / "checkpoint" / "probe_base_embeddings.npy").exists()
     assert real_probe() == probes[1]  # the same generator writes the same texts
     # One DPO step moved the policy, and the change is measured from the base model's loss.
     assert diag["generator_loss"] != base_loss

@@ -36,6 +36,8 @@ COLUMNS = (
     ("fid_probe", "FID probe"),
     ("fid_probe_change", "probe chg"),
     ("fid_probe_change_se", "chg SE"),
+    ("fid_probe_vs_base", "vs base"),
+    ("fid_probe_vs_base_se", "base SE"),
     ("generator_loss", "gen loss"),
     ("generator_loss_change", "loss chg"),
     ("accuracy", "top-1"),

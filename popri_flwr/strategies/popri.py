@@ -491,16 +491,11 @@ class PopriStrategy(PrivateStrategy):
                 out[f"{key}_change"] = out[key] - self._measured_last[key]
         self._measured_last = dict(out)
         if probe_before is not None and "fid_probe_change" in out:
-            with self.timer("probe"):
-                boot = fid_change_bootstrap(
-                    probe_before,
-                    self._probe_emb,
-                    self.eval_embeddings,
-                    self._probe_groups,
-                    draws=PROBE_BOOTSTRAP_DRAWS,
-                    rng=self.rng_for(server_round, "probe_bootstrap"),
-                )
-            out["fid_probe_change_se"] = boot["se"]
+            out["fid_probe_change_se"] = self._probe_change(probe_before, server_round)["se"]
+            base = self.run_dir.load_array(PROBE_BASE)
+            if base is not None and base.shape == self._probe_emb.shape:
+                since = self._probe_change(base, server_round, "probe_bootstrap_base")
+                out["fid_probe_vs_base"], out["fid_probe_vs_base_se"] = since["change"], since["se"]
         pairs = getattr(self, "_pairs", None)
         if self._clean_sum is not None and pairs is not None and len(pairs):
             out["recovery"] = pair_recovery(
@@ -556,9 +551,11 @@ class PopriStrategy(PrivateStrategy):
         :meth:`evaluate_round` also reports ``fid_probe_change_se``, the standard error of the
         round's change from a paired bootstrap over the probe prompts
         (:func:`~popri_flwr.evaluation.distribution_metrics.fid_change_bootstrap`): a change
-        beyond ~2 SE is the generator's, not the draws'. For a measure without sampling noise
-        see :meth:`generator_eval`. Prompts and seeds are public randomness (the config seed);
-        the held-out text is private: a diagnostic.
+        beyond ~2 SE is the generator's, not the draws'; and ``fid_probe_vs_base`` (with
+        ``_se``), the change since the base model's probe (its embeddings of public synthetic
+        text are kept in ``checkpoint/``, so a resumed run still has them). For a measure
+        without sampling noise see :meth:`generator_eval`. Prompts and seeds are public
+        randomness (the config seed); the held-out text is private: a diagnostic.
 
         Returns
         -------
@@ -574,7 +571,23 @@ class PopriStrategy(PrivateStrategy):
             emb = self.embedder.embed([s for group in groups for s in group])
         self._probe_emb = emb
         self._probe_groups = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+        if not self.dpo.rounds_trained:  # the base model's probe: what later ones are held to
+            self.run_dir.save_array(PROBE_BASE, emb)
         return {f"{k}_probe": v for k, v in self._distance_to_eval(emb).items()}
+
+    def _probe_change(
+        self, before: np.ndarray, server_round: int, purpose: str = "probe_bootstrap"
+    ) -> dict[str, float]:
+        """FID change from ``before`` to the last probe, with its paired-bootstrap SE."""
+        with self.timer("probe"):
+            return fid_change_bootstrap(
+                before,
+                self._probe_emb,
+                self.eval_embeddings,
+                self._probe_groups,
+                draws=PROBE_BOOTSTRAP_DRAWS,
+                rng=self.rng_for(server_round, purpose),
+            )
 
     def generator_eval(self) -> dict[str, float]:
         """Diagnostics: the policy's next-token loss and accuracy on held-out private text.
@@ -636,6 +649,8 @@ class PopriStrategy(PrivateStrategy):
 UPDATES = ("dpo", "tilt")
 #: Tokens of each held-out text the generator's own loss is measured on (BOS included).
 GEN_EVAL_LEN = 64
+#: The base model's probe embeddings (checkpoint/), for ``fid_probe_vs_base``.
+PROBE_BASE = "probe_base_embeddings"
 #: Prompt resamples behind ``fid_probe_change_se`` (~0.1 s each for 1,536 x 384 embeddings).
 PROBE_BOOTSTRAP_DRAWS = 200
 
