@@ -92,7 +92,7 @@ def test_sgd_step_is_learning_rate_times_the_weighted_nll_gradient():
         tokens += r["weight"] * n
     (nll / tokens).backward()
     grads = {n: p.grad.detach().clone() for n, p in pm.named_parameters() if p.grad is not None}
-    expected_loss = float(nll / tokens)
+    expected_loss = float((nll / tokens).detach())
     pm.zero_grad(set_to_none=True)
     before = _lora(step)
     out = step.train_weighted_round(RECORDS)
