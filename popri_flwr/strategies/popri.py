@@ -424,31 +424,39 @@ class PopriStrategy(PrivateStrategy):
             "score_gap_mean": float(np.mean(pairs.score_gap)) if len(pairs) else None,
         }
         if self.update == "tilt":
-            with self.timer("dpo"):
-                fit = self.dpo.train_weighted_round(self.tilt_records(release))
-                self._sync_generator()
-            metrics.update(tilt_loss=fit["loss"], tilt_steps=fit["steps"])
-            self._scored_emb = scored_emb
-            self._regenerate(server_round + 1)
-            return metrics
-        replayed = self.replayed_pairs(server_round)
-        if replayed:
-            metrics["replay_pairs"] = len(replayed)
-        if len(pairs) or replayed:
-            with self.timer("dpo"):
-                dpo = self.dpo.train_round(pairs.as_records() + replayed)
-                self._sync_generator()
-            metrics.update(
-                dpo_loss=dpo.get("loss"),
-                dpo_reward_margin=dpo.get("reward_margin"),
-                dpo_reward_accuracy=dpo.get("reward_accuracy"),
-                dpo_steps=dpo.get("steps"),
-            )
+            metrics.update(self._tilt_update(release))
         else:
-            logger.warning("Round %d: no usable preference pairs; skipping DPO", server_round)
+            metrics.update(self._dpo_update(pairs, server_round))
         self._scored_emb = scored_emb
         self._regenerate(server_round + 1)
         return metrics
+
+    def _dpo_update(self, pairs: Any, server_round: int) -> dict[str, Any]:
+        """One DPO round on this round's pairs (and the replayed ones); its metrics."""
+        metrics: dict[str, Any] = {}
+        replayed = self.replayed_pairs(server_round)
+        if replayed:
+            metrics["replay_pairs"] = len(replayed)
+        if not (len(pairs) or replayed):
+            logger.warning("Round %d: no usable preference pairs; skipping DPO", server_round)
+            return metrics
+        with self.timer("dpo"):
+            dpo = self.dpo.train_round(pairs.as_records() + replayed)
+            self._sync_generator()
+        metrics.update(
+            dpo_loss=dpo.get("loss"),
+            dpo_reward_margin=dpo.get("reward_margin"),
+            dpo_reward_accuracy=dpo.get("reward_accuracy"),
+            dpo_steps=dpo.get("steps"),
+        )
+        return metrics
+
+    def _tilt_update(self, release: np.ndarray) -> dict[str, Any]:
+        """One weighted-likelihood round toward the tilt of the noisy scores; its metrics."""
+        with self.timer("dpo"):
+            fit = self.dpo.train_weighted_round(self.tilt_records(release))
+            self._sync_generator()
+        return {"tilt_loss": fit["loss"], "tilt_steps": fit["steps"]}
 
     def tilt_records(self, release: np.ndarray) -> list[dict[str, Any]]:
         """The round's samples with their tilt weights (``update=tilt``), weight > 0 only."""
