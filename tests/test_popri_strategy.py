@@ -235,6 +235,9 @@ def test_tilt_update_fits_the_weighted_samples_instead_of_dpo(cfg, tmp_path, mon
     (record,) = RunDirectory(tmp_path / "run").read_rounds()
     assert record["tilt_steps"] == 1 and record["tilt_loss"] > 0
     assert strategy.dpo.rounds_trained == 1
+    # Every kept sample empty: the round goes on without an update (as DPO without pairs).
+    strategy.samples = [""] * (K * J)
+    assert strategy._tilt_update(release, 2) == {} and strategy.dpo.rounds_trained == 1
     with pytest.raises(ValueError, match="^strategy.update: expected one of"):
         _strategy(tmp_path / "bad", 0.0, monkeypatch, update="sft")
     with pytest.raises(ValueError, match="^strategy.replay_rounds: only with strategy.update=dpo"):

@@ -424,7 +424,7 @@ class PopriStrategy(PrivateStrategy):
             "score_gap_mean": float(np.mean(pairs.score_gap)) if len(pairs) else None,
         }
         if self.update == "tilt":
-            metrics.update(self._tilt_update(release))
+            metrics.update(self._tilt_update(release, server_round))
         else:
             metrics.update(self._dpo_update(pairs, server_round))
         self._scored_emb = scored_emb
@@ -451,10 +451,16 @@ class PopriStrategy(PrivateStrategy):
         )
         return metrics
 
-    def _tilt_update(self, release: np.ndarray) -> dict[str, Any]:
+    def _tilt_update(self, release: np.ndarray, server_round: int) -> dict[str, Any]:
         """One weighted-likelihood round toward the tilt of the noisy scores; its metrics."""
+        records = self.tilt_records(release)
+        if not records:  # every kept sample empty: nothing to fit, the round goes on
+            logger.warning(
+                "Round %d: no non-empty samples to fit; skipping the update", server_round
+            )
+            return {}
         with self.timer("dpo"):
-            fit = self.dpo.train_weighted_round(self.tilt_records(release))
+            fit = self.dpo.train_weighted_round(records)
             self._sync_generator()
         return {"tilt_loss": fit["loss"], "tilt_steps": fit["steps"]}
 
