@@ -4,10 +4,11 @@ DPO's optimum for a reward ``r`` is the reference policy tilted by it,
 ``pi(y|x) ~ pi_ref(y|x) exp(r(y) / beta)``. The round's samples are draws from the current
 policy, so reweighting them prompt by prompt with ``softmax_j(z_kj / tau)`` of the standardized
 noisy scores ``z`` is a sample of that tilt, and maximizing ``sum_kj w_kj log pi(y_kj | x_k)``
-moves the policy toward it (reward-weighted regression). Unlike a DPO step, it cannot push the
-policy past the tilt it fits: at ``tau = inf`` the weights are uniform and the expected gradient
-on the policy's own samples is zero. ``docs/learning.md`` (stop 22) measured such tilts of
-round-1 samples: FID 0.327 -> 0.287 at ``tau = 1``, where DPO steps raised it.
+moves the policy toward it (reward-weighted regression). Its target is the tilt itself, not
+DPO's gradient direction: at ``tau = inf`` the weights are uniform and the expected gradient on
+the policy's own samples is zero. ``docs/learning.md`` (stop 22) measured such tilts of round-1
+samples: FID 0.327 -> 0.287 at ``tau = 1``. Rounds compound, though: each tilts the last
+round's policy, so three rounds at ``tau = 1`` overshoot like DPO did (stop 24).
 
 Everything here is post-processing of the noisy release: no privacy cost.
 """

@@ -90,8 +90,9 @@ class PopriStrategy(PrivateStrategy):
     update, tilt_tau, tilt_keep
         The server update: ``"dpo"`` (the paper) or ``"tilt"``: weighted likelihood of each
         prompt's ``tilt_keep`` best samples with weights ``softmax(zscore(s) / tilt_tau)``
-        (:mod:`popri_flwr.algorithms.tilt`), a step toward DPO's optimum that cannot overshoot
-        it. Same adapter, optimizer and step settings (``dpo.*``); pairs are still built for
+        (:mod:`popri_flwr.algorithms.tilt`): each round fits the tilt of its own samples
+        instead of following DPO's gradient (rounds still compound: docs/learning.md, stop 24).
+        Same adapter, optimizer and step settings (``dpo.*``); pairs are still built for
         the diagnostics. Post-processing of the release either way.
     probe_prompts
         Diagnostics: the number of fixed probe prompts (0 = off). See :meth:`probe`.
@@ -176,6 +177,7 @@ class PopriStrategy(PrivateStrategy):
         self._measured_last: dict[str, float] = {}  # the generator measures of the last round
         self._probe_emb: np.ndarray | None = None  # the last probe's samples, embedded
         self._probe_groups: np.ndarray | None = None  # their prompt indices
+        self._probe_base: np.ndarray | None = None  # the base model's probe, embedded
         self.public_texts: list[str] = []
         self.prompts: list[str] = []
         self.samples: list[str] = []
@@ -506,7 +508,9 @@ class PopriStrategy(PrivateStrategy):
         self._measured_last = dict(out)
         if probe_before is not None and "fid_probe_change" in out:
             out["fid_probe_change_se"] = self._probe_change(probe_before, server_round)["se"]
-            base = self.run_dir.load_array(PROBE_BASE)
+            if self._probe_base is None:  # a resumed run: the base probe from checkpoint/
+                self._probe_base = self.run_dir.load_array(PROBE_BASE)
+            base = self._probe_base
             if base is not None and base.shape == self._probe_emb.shape:
                 since = self._probe_change(base, server_round, "probe_bootstrap_base")
                 out["fid_probe_vs_base"], out["fid_probe_vs_base_se"] = since["change"], since["se"]
@@ -586,6 +590,7 @@ class PopriStrategy(PrivateStrategy):
         self._probe_emb = emb
         self._probe_groups = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         if not self.dpo.rounds_trained:  # the base model's probe: what later ones are held to
+            self._probe_base = emb
             self.run_dir.save_array(PROBE_BASE, emb)
         return {f"{k}_probe": v for k, v in self._distance_to_eval(emb).items()}
 
