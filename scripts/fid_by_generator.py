@@ -40,28 +40,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 import learning_sweep  # noqa: E402  (scripts/: the held-out sample, embedder, FID terms)
 
+from popri_flwr.evaluation.distribution_metrics import fid_bootstrap  # noqa: E402
+
 COLUMNS = (
     "run", "generator", "samples", "prompts", "fid", "fid_se", "dfid", "dfid_se",
     "fid_mean_term", "diversity", "similarity", "fid_base", "fid_vs_base", "fid_vs_base_se",
 )  # fmt: skip
-
-
-def bootstrap_fid(
-    sets: list[tuple[np.ndarray, np.ndarray]], ev: np.ndarray, draws: int, rng: np.random.Generator
-) -> np.ndarray:
-    """FIDs of ``draws`` joint resamples of the prompts, one column per (embeddings, prompt) set.
-
-    ``prompt[i]`` is the prompt index of row i; all sets share the prompts, and each draw takes
-    the same resampled prompts (with all their samples) from every set.
-    """
-    groups = [[np.flatnonzero(p == k) for k in range(int(p.max()) + 1)] for _, p in sets]
-    out = np.empty((draws, len(sets)))
-    for b in range(draws):
-        pick = rng.integers(len(groups[0]), size=len(groups[0]))
-        for c, ((e, _), g) in enumerate(zip(sets, groups, strict=True)):
-            idx = np.concatenate([g[i] for i in pick])
-            out[b, c] = learning_sweep.embedding_stats(e[idx], ev)["fid"]
-    return out
 
 
 def held_out_spec(which: str, run: Path) -> tuple:
@@ -115,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                 j = len(records) // len(texts)
                 eb = emb.embed(base.texts([texts[k] for k in sorted(texts)], j))
                 sets.append((eb.astype(np.float64), np.repeat(np.arange(len(texts)), j)))
-            boot = bootstrap_fid(sets, ev, args.draws, rng)
+            boot = fid_bootstrap([e for e, _ in sets], [p for _, p in sets], ev, args.draws, rng)
             se = float(boot[:, 0].std(ddof=1))
             row = {
                 "run": run.name, "generator": int(path.stem.split("_")[1]) - 1,

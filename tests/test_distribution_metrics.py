@@ -8,7 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from popri_flwr.evaluation.distribution_metrics import fid, fid_change_bootstrap, precision_recall
+from popri_flwr.evaluation.distribution_metrics import (
+    fid,
+    fid_bootstrap,
+    fid_change_bootstrap,
+    precision_recall,
+)
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
@@ -130,6 +135,26 @@ def test_fid_change_bootstrap_change_is_the_fid_difference():
         fid_change_bootstrap(before, after[:-1], ref, groups)
     with pytest.raises(ValueError, match="same rows"):
         fid_change_bootstrap(before, after, ref, groups[:-1])
+
+
+def test_fid_bootstrap_draws_the_same_prompts_from_every_set():
+    """Each draw's FID is ``fid`` of the rows of the resampled prompts, in every set, even when
+    the sets hold different numbers of samples per prompt (the generator's 6, the base's 3)."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(200, 5))
+    a, ga = rng.normal(size=(60, 5)), np.repeat(np.arange(10), 6)
+    b, gb = rng.normal(size=(30, 5)) + 0.2, np.repeat(np.arange(10), 3)[::-1].copy()
+    out = fid_bootstrap([a, b], [ga, gb], ref, draws=4, rng=np.random.default_rng(7))
+    replay = np.random.default_rng(7)
+    for row in out:
+        pick = replay.integers(10, size=10)
+        for value, e, g in ((row[0], a, ga), (row[1], b, gb)):
+            idx = np.concatenate([np.flatnonzero(g == k) for k in pick])
+            assert value == pytest.approx(fid(e[idx], ref), rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="other prompts"):
+        fid_bootstrap([a, b], [ga, gb % 5], ref, draws=2)
+    with pytest.raises(ValueError, match="same rows"):
+        fid_bootstrap([a, b], [ga, gb[:-1]], ref, draws=2)
 
 
 def test_fid_change_bootstrap_se_matches_the_spread_over_fresh_prompts():

@@ -1,6 +1,7 @@
 """Distribution metrics between two sets of text embeddings (rows = samples).
 
 * :func:`fid`: Fréchet distance between Gaussian fits, the per-round metric of the paper.
+* :func:`fid_bootstrap`: FIDs of sample sets on shared prompts under joint resamples of them.
 * :func:`fid_change_bootstrap`: a change of FID between two sample sets on the same prompts,
   with its standard error from resampling the prompts.
 * :func:`precision_recall`: k-NN manifold precision/recall (Kynkäänniemi et al., 2019).
@@ -121,6 +122,76 @@ def _fid_to(a: np.ndarray, a_root: np.ndarray, mu_r: np.ndarray, tr_r: float) ->
     return float(max(value, 0.0))
 
 
+def _reference_terms(reference: np.ndarray, fn: str) -> tuple:
+    """Mean, ``S_r^{1/2}`` and ``Tr(S_r)`` of a fixed reference set (for :func:`_fid_to`)."""
+    ref = _as_2d(reference, "reference", fn)
+    s_r = np.atleast_2d(np.cov(ref, rowvar=False))
+    w, v = np.linalg.eigh(s_r)
+    return ref.mean(axis=0), (v * np.sqrt(w.clip(min=0))) @ v.T, float(np.trace(s_r))
+
+
+def fid_bootstrap(
+    sets: list[np.ndarray],
+    groups: list[np.ndarray],
+    reference: np.ndarray,
+    draws: int = 200,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """FIDs to ``reference`` of several sample sets under joint cluster resamples of the prompts.
+
+    ``groups[c][i]`` is the prompt of row ``i`` of ``sets[c]``; the sets share their prompts
+    (the same labels), not necessarily their rows. Each draw resamples the prompts with
+    replacement and takes every row of a drawn prompt from *every* set, so a difference of two
+    columns is a paired bootstrap of a change, with the prompts' share of the noise cancelled;
+    the reference is held fixed. FID to the fixed reference is computed by :func:`_fid_to`.
+
+    Parameters
+    ----------
+    sets
+        Embeddings ``(n_c, d)`` of each sample set.
+    groups
+        ``(n_c,)`` prompt labels of each set's rows; every set has the same label set.
+    reference
+        Embeddings ``(m, d)`` to measure against (held-out text).
+    draws
+        Bootstrap resamples.
+    rng
+        Randomness of the resampling (a diagnostic; any seed will do).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(draws, len(sets))`` FIDs, one row per resample.
+    """
+    fn = "fid_bootstrap"
+    sets = [_as_2d(e, f"sets[{c}]", fn) for c, e in enumerate(sets)]
+    groups = [np.asarray(g) for g in groups]
+    if not sets or len(groups) != len(sets):
+        raise ValueError(
+            f"{fn}: expected one groups array per set, got {len(groups)} for {len(sets)} sets"
+        )
+    labels = np.unique(groups[0])
+    for c, (e, g) in enumerate(zip(sets, groups, strict=True)):
+        if g.shape != (len(e),):
+            raise ValueError(
+                f"{fn}: sets[{c}] and groups[{c}] must have the same rows, "
+                f"got {e.shape} and {g.shape}"
+            )
+        if not np.array_equal(np.unique(g), labels):
+            raise ValueError(f"{fn}: groups[{c}] has other prompts than groups[0]")
+    mu_r, root_r, tr_r = _reference_terms(reference, fn)
+    roots = [e @ root_r for e in sets]  # once, not per draw
+    rows = [[np.flatnonzero(g == k) for k in labels] for g in groups]
+    rng = rng if rng is not None else np.random.default_rng()
+    out = np.empty((draws, len(sets)))
+    for b in range(draws):
+        pick = rng.integers(len(labels), size=len(labels))
+        for c, (e, r) in enumerate(zip(sets, roots, strict=True)):
+            idx = np.concatenate([rows[c][k] for k in pick])
+            out[b, c] = _fid_to(e[idx], r[idx], mu_r, tr_r)
+    return out
+
+
 def fid_change_bootstrap(
     before: np.ndarray,
     after: np.ndarray,
@@ -133,9 +204,9 @@ def fid_change_bootstrap(
 
     Row ``i`` of ``before`` and of ``after`` come from the same prompt ``groups[i]`` (e.g. two
     generators sampling the same prompts with the same seeds). Each draw resamples the prompts
-    with replacement and takes all of a drawn prompt's rows from *both* sets, so the prompts'
-    share of FID's noise cancels in the change; the reference is held fixed. The standard error
-    is the draws' standard deviation.
+    with replacement and takes all of a drawn prompt's rows from *both* sets
+    (:func:`fid_bootstrap`), so the prompts' share of FID's noise cancels in the change; the
+    reference is held fixed. The standard error is the draws' standard deviation.
 
     Parameters
     ----------
@@ -162,27 +233,14 @@ def fid_change_bootstrap(
             "fid_change_bootstrap: before, after and groups must have the same rows, got "
             f"{before.shape}, {after.shape} and {groups.shape}"
         )
-    ref = _as_2d(reference, "reference", "fid_change_bootstrap")
-    mu_r, s_r = ref.mean(axis=0), np.atleast_2d(np.cov(ref, rowvar=False))
-    w, v = np.linalg.eigh(s_r)
-    root_r = (v * np.sqrt(w.clip(min=0))) @ v.T
-    tr_r = float(np.trace(s_r))
-    before_root, after_root = before @ root_r, after @ root_r  # once, not per draw
-    rows = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    rng = rng if rng is not None else np.random.default_rng()
-
-    def change_on(idx: np.ndarray) -> float:
-        return _fid_to(after[idx], after_root[idx], mu_r, tr_r) - _fid_to(
-            before[idx], before_root[idx], mu_r, tr_r
-        )
-
-    changes = np.empty(draws)
-    for b in range(draws):
-        changes[b] = change_on(
-            np.concatenate([rows[k] for k in rng.integers(len(rows), size=len(rows))])
-        )
-    change = change_on(np.arange(len(before)))
-    return {"change": change, "se": float(changes.std(ddof=1)) if draws > 1 else float("nan")}
+    mu_r, root_r, tr_r = _reference_terms(reference, "fid_change_bootstrap")
+    change = _fid_to(after, after @ root_r, mu_r, tr_r) - _fid_to(
+        before, before @ root_r, mu_r, tr_r
+    )
+    if draws < 2:
+        return {"change": change, "se": float("nan")}
+    boot = fid_bootstrap([before, after], [groups, groups], reference, draws, rng)
+    return {"change": change, "se": float((boot[:, 1] - boot[:, 0]).std(ddof=1))}
 
 
 def _kth_nn_radius(x: np.ndarray, k: int) -> np.ndarray:
