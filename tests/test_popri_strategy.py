@@ -234,6 +234,7 @@ def test_tilt_update_fits_the_weighted_samples_instead_of_dpo(cfg, tmp_path, mon
         assert weights[best] == weights[k * J : (k + 1) * J].max() > 0.5
     (record,) = RunDirectory(tmp_path / "run").read_rounds()
     assert record["tilt_steps"] == 1 and record["tilt_loss"] > 0
+    assert "tilt" in record["seconds"] and "dpo" not in record["seconds"]
     assert strategy.dpo.rounds_trained == 1
     # Every kept sample empty: the round goes on without an update (as DPO without pairs).
     strategy.samples = [""] * (K * J)

@@ -44,6 +44,7 @@ COLUMNS = (
     ("seconds.clients", "clients s"),
     ("seconds.generate", "gen s"),
     ("seconds.dpo", "DPO s"),
+    ("seconds.tilt", "tilt s"),
     ("seconds.total", "total s"),
 )
 #: (column, title) candidates of ``summary.png``.

@@ -461,7 +461,7 @@ class PopriStrategy(PrivateStrategy):
                 "Round %d: no non-empty samples to fit; skipping the update", server_round
             )
             return {}
-        with self.timer("dpo"):
+        with self.timer("tilt"):
             fit = self.dpo.train_weighted_round(records)
             self._sync_generator()
         return {"tilt_loss": fit["loss"], "tilt_steps": fit["steps"]}
