@@ -117,12 +117,13 @@ class StrategyConfig:
     payload: str = "embeddings"
     replay_rounds: int = 0
     #: POPri's server update: ``dpo`` (the paper) or ``tilt``: weighted likelihood of each
-    #: prompt's ``tilt_keep`` best samples, weights ``softmax(z / tilt_tau)`` of the
-    #: standardized noisy scores (:mod:`popri_flwr.algorithms.tilt`); the ``dpo`` section's
-    #: adapter, optimizer, learning rate, steps and micro-batch.
+    #: prompt's ``tilt_keep`` best samples (``None``: all), weights ``softmax(z / tilt_tau)``
+    #: of the standardized noisy scores (:mod:`popri_flwr.algorithms.tilt`); the ``dpo``
+    #: section's adapter, optimizer, learning rate, steps and micro-batch. Rounds compound:
+    #: ``tilt_tau`` ~ the number of rounds adds up to about one ``tau = 1`` tilt.
     update: str = "dpo"
-    tilt_tau: float = 1.0
-    tilt_keep: int = 2
+    tilt_tau: float = 3.0
+    tilt_keep: int | None = None
     #: Private Evolution's own settings (``strategy=pe``).
     pe: PEConfig = field(default_factory=PEConfig)
     #: DP-FedAvg's local training and server step (``strategy=dp_fedavg``).

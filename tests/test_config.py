@@ -30,6 +30,15 @@ def test_paragraphs_experiment_is_the_demo_at_federation_scale():
     assert cfg.evaluation.generator_eval_texts == 200
 
 
+def test_tilt_keeps_every_sample_unless_told():
+    cfg = load_config(["strategy.update=tilt"])
+    assert cfg.strategy.tilt_keep is None and cfg.strategy.tilt_tau == 3.0  # ~ rounds: stop 25
+    cfg = load_config(["strategy.update=tilt", "strategy.tilt_keep=2", "strategy.tilt_tau=1"])
+    assert (cfg.strategy.tilt_keep, cfg.strategy.tilt_tau) == (2, 1.0)
+    again = load_config(["strategy.tilt_keep=2", "strategy.tilt_keep=null"])
+    assert again.strategy.tilt_keep is None
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

@@ -40,6 +40,7 @@ def test_tilt_weights_are_a_per_prompt_softmax_of_standardized_scores():
     one = tilt_weights(scores, 3, tau=1.0, keep=1)
     assert one.tolist() == [1, 0, 0, 1, 0, 0]  # best of n (ties: the first)
     np.testing.assert_allclose(tilt_weights(scores, 3, np.inf, 3), 1 / 3)  # no pull
+    assert tilt_weights(scores, 3, tau=1.0).tolist() == w.tolist()  # keep=None: all J
     sharper = tilt_weights(scores, 3, tau=0.25, keep=3)
     assert sharper[0] > w[0]  # a lower tau pulls harder toward the best
     with pytest.raises(ValueError, match="strategy.tilt_tau"):

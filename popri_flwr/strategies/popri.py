@@ -89,9 +89,11 @@ class PopriStrategy(PrivateStrategy):
         in a fixed number of steps, so more pairs make the steps cleaner, not more numerous.
     update, tilt_tau, tilt_keep
         The server update: ``"dpo"`` (the paper) or ``"tilt"``: weighted likelihood of each
-        prompt's ``tilt_keep`` best samples with weights ``softmax(zscore(s) / tilt_tau)``
-        (:mod:`popri_flwr.algorithms.tilt`): each round fits the tilt of its own samples
-        instead of following DPO's gradient (rounds still compound: docs/learning.md, stop 24).
+        prompt's ``tilt_keep`` best samples (``None``: all J) with weights
+        ``softmax(zscore(s) / tilt_tau)`` (:mod:`popri_flwr.algorithms.tilt`): each round fits
+        the tilt of its own samples instead of following DPO's gradient. Rounds compound, so
+        ``tilt_tau`` ~ the number of rounds adds up to one ``tau = 1`` tilt (docs/learning.md,
+        stops 24-25).
         Same adapter, optimizer and step settings (``dpo.*``); pairs are still built for
         the diagnostics. Post-processing of the release either way.
     probe_prompts
@@ -123,8 +125,8 @@ class PopriStrategy(PrivateStrategy):
         payload: str = "embeddings",
         replay_rounds: int = 0,
         update: str = "dpo",
-        tilt_tau: float = 1.0,
-        tilt_keep: int = 2,
+        tilt_tau: float = 3.0,
+        tilt_keep: int | None = None,
         embedder_name: str = "",
         eval_embeddings: np.ndarray | None = None,
         probe_prompts: int = 0,
@@ -169,7 +171,8 @@ class PopriStrategy(PrivateStrategy):
         self.prompt_style, self.replay_rounds, self.pairing = prompt_style, replay_rounds, pairing
         self.sampling, self.payload, self.embedder_name = sampling, payload, embedder_name
         self.eval_embeddings = eval_embeddings
-        self.update, self.tilt_tau, self.tilt_keep = update, float(tilt_tau), int(tilt_keep)
+        self.update, self.tilt_tau = update, float(tilt_tau)
+        self.tilt_keep = samples_per_prompt if tilt_keep is None else int(tilt_keep)
         self.probe_prompts = probe_prompts
         self._gen_eval = None
         if generator_eval_texts:
@@ -206,9 +209,9 @@ class PopriStrategy(PrivateStrategy):
         _check(s.update in UPDATES, "strategy.update", f"expected one of {UPDATES}", s.update)
         _check(s.tilt_tau > 0, "strategy.tilt_tau", "must be > 0", s.tilt_tau)
         _check(
-            1 <= s.tilt_keep <= s.samples_per_prompt,
+            s.tilt_keep is None or 1 <= s.tilt_keep <= s.samples_per_prompt,
             "strategy.tilt_keep",
-            f"must be in [1, samples_per_prompt={s.samples_per_prompt}]",
+            f"must be null (all) or in [1, samples_per_prompt={s.samples_per_prompt}]",
             s.tilt_keep,
         )
         _check(
