@@ -28,6 +28,7 @@ def test_paragraphs_experiment_is_the_demo_at_federation_scale():
     assert cfg.strategy.num_prompts == 256 and cfg.public_set.size == 128
     assert cfg.dpo.learning_rate == pytest.approx(3e-4) and cfg.dpo.steps_per_round == 4
     assert cfg.evaluation.generator_eval_texts == 200
+    assert cfg.strategy.update == "tilt" and cfg.strategy.tilt_keep is None  # stop 25
 
 
 def test_tilt_keeps_every_sample_unless_told():
