@@ -179,7 +179,13 @@ def fid_bootstrap(
             )
         if not np.array_equal(np.unique(g), labels):
             raise ValueError(f"{fn}: groups[{c}] has other prompts than groups[0]")
-    mu_r, root_r, tr_r = _reference_terms(reference, fn)
+    terms = _reference_terms(reference, fn)
+    return _resampled_fids(sets, groups, labels, terms, draws, rng)
+
+
+def _resampled_fids(sets, groups, labels, terms, draws, rng) -> np.ndarray:
+    """:func:`fid_bootstrap` on validated input and precomputed reference terms."""
+    mu_r, root_r, tr_r = terms
     roots = [e @ root_r for e in sets]  # once, not per draw
     rows = [[np.flatnonzero(g == k) for k in labels] for g in groups]
     rng = rng if rng is not None else np.random.default_rng()
@@ -233,13 +239,15 @@ def fid_change_bootstrap(
             "fid_change_bootstrap: before, after and groups must have the same rows, got "
             f"{before.shape}, {after.shape} and {groups.shape}"
         )
-    mu_r, root_r, tr_r = _reference_terms(reference, "fid_change_bootstrap")
+    terms = _reference_terms(reference, "fid_change_bootstrap")
+    mu_r, root_r, tr_r = terms
     change = _fid_to(after, after @ root_r, mu_r, tr_r) - _fid_to(
         before, before @ root_r, mu_r, tr_r
     )
     if draws < 2:
         return {"change": change, "se": float("nan")}
-    boot = fid_bootstrap([before, after], [groups, groups], reference, draws, rng)
+    labels = np.unique(groups)
+    boot = _resampled_fids([before, after], [groups, groups], labels, terms, draws, rng)
     return {"change": change, "se": float((boot[:, 1] - boot[:, 0]).std(ddof=1))}
 
 
