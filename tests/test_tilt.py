@@ -2,9 +2,10 @@
 likelihood step, on the real SmolLM2 with its LoRA adapter.
 
 What is checked: the weights are the per-prompt softmax of standardized scores over each
-prompt's best ``keep`` samples; one SGD step moves the adapter by exactly -lr x the gradient of
-the weighted mean token NLL (computed by hand, one sequence at a time); AdamW steps raise the
-likelihood of the weighted completions; bad input names the key.
+prompt's best ``keep`` samples; one SGD step (completions sharing a prompt run from its cached
+keys, prompts of different lengths left-padded together) moves the adapter by exactly -lr x
+the gradient of the weighted mean token NLL (computed by hand, one sequence at a time); AdamW
+steps raise the likelihood of the weighted completions; bad input names the key.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def test_tilt_weights_are_a_per_prompt_softmax_of_standardized_scores():
         tilt_weights(scores[:5], 3, tau=1.0, keep=2)
 
 
-def _step(**overrides) -> DPOStep:
+def _step(batch: int = 2, **overrides) -> DPOStep:
     model, tok = load_causal_lm(device="cpu")
     cfg = DPOStepConfig(
         warmup_steps=0,
-        per_device_batch_size=2,
+        per_device_batch_size=batch,
         steps_per_round=1,
         bf16=False,
         device="cpu",
@@ -76,10 +77,13 @@ def _lora(step: DPOStep) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in step.model.named_parameters() if "lora_" in n}
 
 
-def test_sgd_step_is_learning_rate_times_the_weighted_nll_gradient():
+@pytest.mark.parametrize("batch", [2, 8])
+def test_sgd_step_is_learning_rate_times_the_weighted_nll_gradient(batch):
+    # batch 2: the shared prompt's two completions in one pass, the other prompt alone;
+    # batch 8: both prompts (different lengths, left-padded) in one pass.
     torch.manual_seed(0)
     lr = 0.5
-    step = _step(optim="sgd", learning_rate=lr)
+    step = _step(batch, optim="sgd", learning_rate=lr)
     # B = 0 at first, so A has no gradient: give B a value so both move.
     with torch.no_grad():
         for n, p in step.model.named_parameters():
@@ -135,3 +139,16 @@ def test_weighted_nll_round_rejects_bad_records():
         weighted_nll_round(*args, [], **kw)
     with pytest.raises(ValueError, match="dpo.max_length"):
         weighted_nll_round(*args, RECORDS[:1], **{**kw, "max_length": 4})
+
+
+def test_speed_row_paths_train_the_same_records_to_the_same_loss():
+    # popri_flwr.speed.tilt times both paths; they must do the same work.
+    from popri_flwr.speed.tilt import demo_records, time_round
+
+    records = demo_records(num_prompts=2, samples=3)
+    assert len({r["prompt"] for r in records}) == 2 and len(records) == 6
+    np.testing.assert_allclose(sum(r["weight"] for r in records), 2.0)
+    old, new = time_round(records, share_prompts=False), time_round(records, share_prompts=True)
+    assert old["sequences"] == new["sequences"] == 6
+    assert new["steps"] == 2 and old["steps"] == 4  # steps split whole prompts
+    assert new["loss"] == pytest.approx(old["loss"], rel=2e-2)

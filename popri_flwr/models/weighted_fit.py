@@ -34,19 +34,76 @@ def encode_completions(
     return out
 
 
-def _batch(encoded: list[tuple[list[int], int]], pad_id: int) -> tuple[Any, Any, Any]:
-    """Right-padded ids, attention mask and labels (-100 on prompt and padding)."""
+def _group_by_prompt(encoded: list[tuple[list[int], int]], keep: Sequence[int]) -> list[list[int]]:
+    """Indices of ``keep`` grouped by identical prompt tokens, in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in keep:
+        ids, n_prompt = encoded[i]
+        groups.setdefault(tuple(ids[:n_prompt]), []).append(i)
+    return list(groups.values())
+
+
+def _shared_prefix_nll(
+    model: Any, encoded: list[tuple[list[int], int]], groups: list[list[int]], pad_id: int
+) -> Any:
+    """Summed completion NLL of every record in ``groups`` (flattened order), each prompt run once.
+
+    The prompts go through the model once, left-padded so they all end at the same column,
+    keeping their keys and values (with their gradient); each prompt's cache is repeated for its
+    completions, which then run as one right-padded batch with explicit position ids. The first
+    completion token is predicted from the prompt's last position. Exact: the same NLL (and
+    gradient) as running every ``prompt + completion`` alone, at the cost of one prompt pass
+    per prompt instead of one per completion.
+    """
     import torch
 
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for r, (seq, n_prompt) in enumerate(encoded):
-        ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = 1
-        labels[r, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:], dtype=torch.long)
-    return ids, mask, labels
+    device = next(model.parameters()).device
+    prompts = [encoded[g[0]][0][: encoded[g[0]][1]] for g in groups]
+    rows = [i for g in groups for i in g]
+    width = max(len(p) for p in prompts)
+    p_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    p_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        p_ids[r, width - len(p) :] = torch.tensor(p)
+        p_mask[r, width - len(p) :] = 1
+    p_pos = (p_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=p_ids.to(device),
+        attention_mask=p_mask.to(device),
+        position_ids=p_pos.to(device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    counts = torch.tensor([len(g) for g in groups], device=device)
+    cache = out.past_key_values
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(counts, dim=0)
+        layer.values = layer.values.repeat_interleave(counts, dim=0)
+    first = out.logits[:, -1].repeat_interleave(counts, dim=0)  # predicts completion token 0
+
+    completions = [encoded[i][0][encoded[i][1] :] for i in rows]
+    c_width = max(len(c) for c in completions)
+    c_ids = torch.full((len(rows), c_width), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(rows), c_width), dtype=torch.long)
+    labels = torch.full((len(rows), c_width), -100, dtype=torch.long)
+    for r, c in enumerate(completions):
+        c_ids[r, : len(c)] = torch.tensor(c)
+        c_mask[r, : len(c)] = 1
+        labels[r, : len(c)] = torch.tensor(c)
+    prompt_len = torch.tensor([encoded[i][1] for i in rows])
+    c_pos = prompt_len[:, None] + torch.arange(c_width)[None, :]
+    mask = torch.cat([p_mask.repeat_interleave(counts.cpu(), dim=0), c_mask], dim=1)
+    logits = model(
+        input_ids=c_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=c_pos.to(device),
+        past_key_values=cache,
+        use_cache=False,
+    ).logits
+    logits = torch.cat([first[:, None], logits[:, :-1]], dim=1)
+    return torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), labels.to(device), reduction="none"
+    ).sum(dim=1)  # summed over each completion's tokens (-100 contributes 0)
 
 
 def weighted_nll_round(
@@ -61,8 +118,13 @@ def weighted_nll_round(
     max_length: int,
     bf16: bool,
     seed: int,
+    share_prompts: bool = True,
 ) -> dict[str, float]:
     """One round of weighted likelihood training on ``records``.
+
+    Records that share a prompt are trained together, the prompt run once for all of them
+    (POPri's J samples per prompt: ~3x fewer tokens through the model at J = 6 with one-shot
+    prompts of ~100 tokens and completions of ~32).
 
     Parameters
     ----------
@@ -75,15 +137,20 @@ def weighted_nll_round(
     records
         ``[{"prompt": str, "completion": str, "weight": float}]``, weights > 0.
     steps
-        Optimizer steps; the records are shuffled (``seed``) and split evenly over them.
+        Optimizer steps; the prompts (each with all its records) are shuffled (``seed``) and
+        split evenly over them.
     micro_batch
-        Sequences per forward pass (gradients accumulate within a step).
+        Completions per forward pass, rounded to whole prompts (at least one prompt);
+        gradients accumulate within a step.
     max_length
         Token budget of prompt + completion; records whose prompt fills it are dropped.
     bf16
         Autocast the forward to bfloat16 (weights stay float32).
     seed
         Public randomness of the shuffle.
+    share_prompts
+        Run each prompt once for all its records (default). False runs every record's
+        prompt again (the old path's cost, kept for ``popri_flwr.speed.tilt``).
 
     Returns
     -------
@@ -104,7 +171,8 @@ def weighted_nll_round(
     keep = [i for i, (ids, n_prompt) in enumerate(encoded) if len(ids) > n_prompt]
     if not keep:
         raise ValueError(f"dpo.max_length: every prompt has >= {max_length} tokens")
-    order = np.random.default_rng(seed).permutation(keep)
+    groups = _group_by_prompt(encoded, keep) if share_prompts else [[i] for i in keep]
+    order = np.random.default_rng(seed).permutation(len(groups))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast = (
@@ -117,20 +185,24 @@ def weighted_nll_round(
     taken = 0
     try:
         for chunk in np.array_split(order, min(steps, len(order))):
-            tokens = sum(weights[i] * (len(encoded[i][0]) - encoded[i][1]) for i in chunk)
+            step_groups = [groups[g] for g in chunk]
+            rows = [i for g in step_groups for i in g]
+            tokens = sum(weights[i] * (len(encoded[i][0]) - encoded[i][1]) for i in rows)
             optimizer.zero_grad(set_to_none=True)
-            for start in range(0, len(chunk), micro_batch):
-                part = chunk[start : start + micro_batch]
-                ids, mask, labels = (t.to(device) for t in _batch([encoded[i] for i in part], pad))
+            part: list[list[int]] = []
+            for k, group in enumerate(step_groups):
+                part.append(group)
+                if sum(map(len, part)) < micro_batch and k + 1 < len(step_groups):
+                    continue
                 with autocast:
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none"
-                ).sum(dim=1)  # summed over each completion's tokens (-100 contributes 0)
-                w = torch.tensor(weights[part], dtype=torch.float32, device=device)
+                    nll = _shared_prefix_nll(model, encoded, part, pad)
+                w = torch.tensor(
+                    weights[[i for g in part for i in g]], dtype=torch.float32, device=device
+                )
                 loss = (w * nll).sum() / tokens
                 loss.backward()
                 total_nll += float((w * nll).sum().detach())
+                part = []
             total_weight += tokens
             optimizer.step()
             scheduler.step()

@@ -22,6 +22,7 @@ ROWS = (
     "generation_demo",
     "generation_3shot",
     "dpo_round",
+    "tilt_round",
     "downstream_epoch",
     "client_phase_demo",
     "client_phase_72k",
@@ -100,6 +101,12 @@ def _dpo(sc: SpeedConfig) -> dict[str, Any]:
     return compare_dpo(repeats=sc.repeats)
 
 
+def _tilt(sc: SpeedConfig) -> dict[str, Any]:
+    from popri_flwr.speed.tilt import compare_tilt
+
+    return compare_tilt(repeats=sc.repeats)
+
+
 def _downstream(sc: SpeedConfig) -> dict[str, Any]:
     from popri_flwr.speed.downstream import compare_downstream
 
@@ -128,6 +135,7 @@ MEASURES: dict[str, Callable[[SpeedConfig], dict[str, Any]]] = {
     "generation_demo": lambda sc: _generation("demo", sc),
     "generation_3shot": lambda sc: _generation("3shot", sc),
     "dpo_round": _dpo,
+    "tilt_round": _tilt,
     "downstream_epoch": _downstream,
     "client_phase_demo": _client_phase_demo,
     "client_phase_72k": _client_phase_large,
