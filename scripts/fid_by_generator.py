@@ -20,6 +20,9 @@ bootstrap that resamples the prompts of both together (paired). For G = 0 it is 
 model against itself on other draws: the sampling noise alone. ``--held-out run`` measures
 against the run's own diagnostic held-out set (``evaluation.max_eval_texts`` texts of its
 federation and seed, as its ``fid_scored``/``fid_next``) instead of the sweep's 1,000.
+``--versus RUN`` compares every run's generator G with RUN's generator G on the same prompts
+(a control arm of the same config seed, e.g. the placebo): ``fid_vs_other`` = FID(run, G) -
+FID(RUN, G), bootstrapped over the shared prompts (paired), so the prompts' noise cancels.
 
 Everything here is measured against held-out *private* text: a DIAGNOSTIC, never a release.
 Writes ``--csv`` (one line per run and generator).
@@ -45,6 +48,7 @@ from popri_flwr.evaluation.distribution_metrics import fid_bootstrap  # noqa: E4
 COLUMNS = (
     "run", "generator", "samples", "prompts", "fid", "fid_se", "dfid", "dfid_se",
     "fid_mean_term", "diversity", "similarity", "fid_base", "fid_vs_base", "fid_vs_base_se",
+    "fid_other", "fid_vs_other", "fid_vs_other_se",
 )  # fmt: skip
 
 
@@ -75,9 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=200, help="bootstrap resamples (200)")
     parser.add_argument("--base", action="store_true", help="also the base model, same prompts")
     parser.add_argument("--held-out", choices=("sweep", "run"), default="sweep")
+    parser.add_argument(
+        "--versus", type=Path, help="a run with the same prompts: paired FID difference by G"
+    )
     parser.add_argument("--csv", type=Path, default=Path("outputs/fid_by_generator.csv"))
     args = parser.parse_args(argv)
-    for run in args.runs:
+    for run in args.runs + ([args.versus] if args.versus else []):
         if not list((run / "samples").glob("round_*.jsonl")):
             parser.error(f"{run}: no samples/round_*.jsonl (expected a popri-run directory)")
 
@@ -99,6 +106,14 @@ def main(argv: list[str] | None = None) -> None:
                 j = len(records) // len(texts)
                 eb = emb.embed(base.texts([texts[k] for k in sorted(texts)], j))
                 sets.append((eb.astype(np.float64), np.repeat(np.arange(len(texts)), j)))
+            other = args.versus / "samples" / path.name if args.versus else None
+            if other is not None and other.exists():
+                rec_o = [json.loads(x) for x in other.read_text().splitlines() if x]
+                by_id = {r["prompt_id"]: r["prompt"] for r in records}
+                if any(by_id.get(r["prompt_id"]) != r["prompt"] for r in rec_o):
+                    parser.error(f"{other}: its prompts differ from {path}'s (--versus pairs them)")
+                eo = emb.embed([r["text"] for r in rec_o]).astype(np.float64)
+                sets.append((eo, np.array([r["prompt_id"] for r in rec_o])))
             boot = fid_bootstrap([e for e, _ in sets], [p for _, p in sets], ev, args.draws, rng)
             se = float(boot[:, 0].std(ddof=1))
             row = {
@@ -112,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
                 row["fid_base"] = learning_sweep.embedding_stats(sets[1][0], ev)["fid"]
                 row["fid_vs_base"] = row["fid"] - row["fid_base"]
                 row["fid_vs_base_se"] = float((boot[:, 0] - boot[:, 1]).std(ddof=1))
+            if other is not None and other.exists():
+                row["fid_other"] = learning_sweep.embedding_stats(sets[-1][0], ev)["fid"]
+                row["fid_vs_other"] = row["fid"] - row["fid_other"]
+                row["fid_vs_other_se"] = float((boot[:, 0] - boot[:, -1]).std(ddof=1))
             if prev is not None:
                 row["dfid"] = stats["fid"] - prev["fid"]
                 row["dfid_se"] = float(np.hypot(se, prev["fid_se"]))
@@ -127,6 +146,12 @@ def main(argv: list[str] | None = None) -> None:
                     ""
                     if base is None
                     else f"  vs base {row['fid_vs_base']:+.4f} +- {row['fid_vs_base_se']:.4f}"
+                )
+                + (
+                    ""
+                    if row.get("fid_vs_other") is None
+                    else f"  vs {args.versus.name} {row['fid_vs_other']:+.4f} "
+                    f"+- {row['fid_vs_other_se']:.4f}"
                 ),
                 flush=True,
             )
