@@ -515,7 +515,9 @@ class DPOStep:
         )
         return metrics
 
-    def train_weighted_round(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+    def train_weighted_round(
+        self, records: list[dict[str, Any]], *, share_prompts: bool = True
+    ) -> dict[str, Any]:
         """One round of weighted likelihood on completions instead of DPO (``update=tilt``).
 
         The same adapter, optimizer, schedule and round counters as :meth:`train_round`, so
@@ -527,6 +529,8 @@ class DPOStep:
         ----------
         records
             ``[{"prompt", "completion", "weight"}]``.
+        share_prompts
+            Run each prompt once for all its records (default; False: the benchmark baseline).
 
         Returns
         -------
@@ -550,6 +554,7 @@ class DPOStep:
             max_length=cfg.max_length,
             bf16=self.bf16,
             seed=cfg.seed + self.rounds_trained,
+            share_prompts=share_prompts,
         )
         self.global_step += metrics["steps"]
         self.rounds_trained += 1

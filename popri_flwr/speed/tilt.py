@@ -52,7 +52,6 @@ def time_round(records: list[dict[str, Any]], share_prompts: bool) -> dict[str, 
 
     from popri_flwr.models.dpo import DPOStep, DPOStepConfig
     from popri_flwr.models.loading import load_causal_lm
-    from popri_flwr.models.weighted_fit import weighted_nll_round
 
     model, tok = load_causal_lm(device="cpu")
     cfg = DPOStepConfig(
@@ -61,19 +60,7 @@ def time_round(records: list[dict[str, Any]], share_prompts: bool) -> dict[str, 
     torch.manual_seed(0)
     step = DPOStep(model, tok, cfg)
     start = time.perf_counter()
-    metrics = weighted_nll_round(
-        step.model,
-        tok,
-        step.optimizer,
-        step.scheduler,
-        records,
-        steps=cfg.steps_per_round,
-        micro_batch=cfg.per_device_batch_size,
-        max_length=cfg.max_length,
-        bf16=step.bf16,
-        seed=0,
-        share_prompts=share_prompts,
-    )
+    metrics = step.train_weighted_round(records, share_prompts=share_prompts)
     metrics["wall_s"] = time.perf_counter() - start
     return metrics
 
