@@ -339,3 +339,27 @@ def test_a_stopped_benchmark_stops_its_run_first(tmp_path):
         parent.stdin.close()
         if parent.poll() is None:
             parent.kill()
+
+
+def test_run_costs_add_up_the_generators_loss_change_only_when_every_round_has_one(tmp_path):
+    from popri_flwr.evaluation.benchmark import run_costs
+    from popri_flwr.privacy.diagnostics import FILENAME
+
+    def write(changes):
+        released = [{"round": r, "epsilon_spent": 0.4 * r, "bytes_down": 100} for r in (1, 2)]
+        diag = [{"notice": "DIAGNOSTICS"}] + [
+            {"round": r, "bytes_up": 10, "client_seconds": 1.0, **c}
+            for r, c in zip((1, 2), changes, strict=True)
+        ]
+        for name, rows in (("rounds.jsonl", released), (FILENAME, diag)):
+            (tmp_path / name).write_text("".join(json.dumps(x) + "\n" for x in rows))
+
+    write([{"generator_loss_change": -0.01}, {"generator_loss_change": -0.025}])
+    costs = run_costs(tmp_path)
+    assert costs["generator_loss_change"] == pytest.approx(-0.035)
+    assert costs["epsilon_spent"] == pytest.approx(0.8)
+    # A round without the measure: no total (a partial sum would understate the change).
+    write([{"generator_loss_change": -0.01}, {}])
+    assert math.isnan(run_costs(tmp_path)["generator_loss_change"])
+    write([{}, {}])
+    assert math.isnan(run_costs(tmp_path)["generator_loss_change"])

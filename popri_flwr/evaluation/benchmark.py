@@ -72,6 +72,7 @@ COLUMNS = (
     "fid",
     "precision",
     "recall",
+    "generator_loss_change",
     "epsilon_spent",
     "wall_seconds",
     "seeds",
@@ -423,8 +424,12 @@ def _synthetic_path(run_dir: Path, tag: str = "") -> Path:
 def run_costs(run_dir: Path) -> dict[str, float]:
     """Epsilon spent and mean per-client-per-round costs of a run.
 
-    Epsilon and the download size come from the release (``rounds.jsonl``); the upload size
-    and client seconds from the run's diagnostics (the benchmark runs with diagnostics on).
+    Epsilon and the download size come from the release (``rounds.jsonl``); the upload size,
+    client seconds and ``generator_loss_change`` from the run's diagnostics (the benchmark runs
+    with diagnostics on). ``generator_loss_change`` is the generator's held-out loss after the
+    last round minus the base model's (nats/token, the sum of the per-round changes; NaN unless
+    the run measured it with ``evaluation.generator_eval_texts``): the one measure of learning
+    with no sampling noise.
     """
     from popri_flwr.privacy.diagnostics import read_diagnostics
     from popri_flwr.run_dir import RunDirectory
@@ -445,7 +450,16 @@ def run_costs(run_dir: Path) -> dict[str, float]:
         "bytes_down_per_client_round": mean("bytes_down"),
         "bytes_up_per_client_round": mean("bytes_up"),
         "client_seconds_per_round": mean("client_seconds"),
+        "generator_loss_change": _loss_change(rounds),
     }
+
+
+def _loss_change(rounds: Sequence[Mapping[str, Any]]) -> float:
+    # Every round must carry its change: a sum over some rounds would understate the total.
+    changes = [r.get("generator_loss_change") for r in rounds]
+    if not changes or any(_number(c) is None for c in changes):
+        return float("nan")
+    return float(sum(float(c) for c in changes))
 
 
 # ------------------------------------------------------------------------------- running
@@ -633,8 +647,8 @@ def run_benchmark(bc: BenchmarkConfig) -> list[dict[str, Any]]:
 #: Columns averaged over seeds (each also gets ``<column>_std``).
 MEAN_COLUMNS = (
     "accuracy", "top5_accuracy", "gap_closed", "gap_closed_top5", "fid", "precision", "recall",
-    "epsilon_spent", "wall_seconds", "bytes_down_per_client_round", "bytes_up_per_client_round",
-    "client_seconds_per_round",
+    "generator_loss_change", "epsilon_spent", "wall_seconds", "bytes_down_per_client_round",
+    "bytes_up_per_client_round", "client_seconds_per_round",
 )  # fmt: skip
 
 
