@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +39,15 @@ def round_records(run_dir: Path, prompts: int) -> list[dict[str, Any]]:
 def arms(rows: list[dict[str, Any]], tokenizer: Any, tokens: int) -> dict[str, list[dict]]:
     from popri_flwr.models.generation import truncate_to_tokens
 
-    counts: dict[int, int] = {}
-    for r in rows:
-        counts[r["prompt_id"]] = counts.get(r["prompt_id"], 0) + 1
+    counts = Counter(r["prompt_id"] for r in rows)
+    prompts = {r["prompt_id"]: r["prompt"] for r in rows}
     samples = [
         {"prompt": r["prompt"], "completion": r["text"], "weight": 1.0 / counts[r["prompt_id"]]}
         for r in rows
     ]
     public = []
-    for pid in sorted(counts):
-        prompt = next(r["prompt"] for r in rows if r["prompt_id"] == pid)
+    for pid in sorted(prompts):
+        prompt = prompts[pid]
         found = EXAMPLE.search(prompt)
         if found:
             text = truncate_to_tokens(HEADER.sub("", found.group(1)), tokenizer, tokens)
@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     n_eval = cfg.evaluation.generator_eval_texts or 200
     texts = load_federation(cfg.data).eval_sample(n_eval, cfg.seed)
     rows = round_records(args.run_dir, args.prompts)
-    tokenizer = load_causal_lm(device="cpu")[1]
+    model, tok = load_causal_lm(device="cpu")
+    ids, mask = encode_for_lm(texts, tok, GEN_EVAL_LEN)
+    before = evaluate_lm(model, ids, mask, batch_size=16, bf16=False)["loss"]
     print("arm,records,loss_before,loss_after,change")
-    for name, records in arms(rows, tokenizer, cfg.generation.truncate_tokens).items():
-        model, tok = load_causal_lm(device="cpu")
-        ids, mask = encode_for_lm(texts, tok, GEN_EVAL_LEN)
-        before = evaluate_lm(model, ids, mask, batch_size=16, bf16=False)["loss"]
+    for i, (name, records) in enumerate(arms(rows, tok, cfg.generation.truncate_tokens).items()):
+        if i:  # a fresh base model: the adapter is injected into the modules in place
+            model = load_causal_lm(device="cpu")[0]
         torch.manual_seed(0)
         step = DPOStep(model, tok, cfg.dpo)  # the run's adapter, optimizer, lr and steps
         step.train_weighted_round(records)
