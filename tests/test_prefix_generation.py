@@ -160,6 +160,28 @@ def test_greedy_equals_transformers_greedy_plain(lm, hf_greedy, shared_attention
     assert model.config._attn_implementation == "sdpa"  # routing restored after decoding
 
 
+@pytest.mark.parametrize("shared_attention", [True, False])
+def test_decoding_hands_the_cache_over_under_the_installed_transformers_name(lm, shared_attention):
+    """transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40):
+    the decoding loop must use the name the installed version takes, so no deprecation fires."""
+    import inspect
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    from popri_flwr.models.kv_cache import cache_arg
+
+    assert cache_arg() in inspect.signature(LlamaForCausalLM.forward).parameters
+    model, tok = lm
+    gen = TransformersGenerator(
+        model, tok, 4, progress=False, dtype="float32", shared_attention=shared_attention
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen.generate(PROMPTS[:2], SamplingParams(temperature=0, max_new_tokens=4), num_samples=2)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_greedy_equals_transformers_greedy_peft(lm, monkeypatch):
     from peft import LoraConfig, get_peft_model
 

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from popri_flwr.models.kv_cache import cache_kwargs, cache_of
+
 # Tags keep these streams apart from each other and from other (seed, index) users.
 _ROW_TAG, _PROMPT_TAG = 0x5EED, 0x5EEE
 
@@ -302,7 +304,7 @@ def sample_shared_prefix(
     Parameters
     ----------
     model
-        A causal LM (plain or PEFT) whose forward returns ``logits`` and ``past_key_values``.
+        A causal LM (plain or PEFT) whose forward returns ``logits`` and its key/value cache.
     input_ids, attention_mask
         ``(prompts, length)`` left-padded prompts on the model's device.
     samples_per_prompt
@@ -346,7 +348,7 @@ def sample_shared_prefix(
     )
     expand = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
     logits, next_pos = out.logits[expand, -1], positions[expand, -1] + 1
-    cache, mask, step_kwargs = out.past_key_values, None, {}
+    cache, mask, step_kwargs = cache_of(out), None, {}
     if shared_attention:
         layers = cache.layers
         shared = SharedPrefix(
@@ -393,11 +395,11 @@ def sample_shared_prefix(
                 input_ids=picked[:, None],
                 attention_mask=mask,
                 position_ids=next_pos[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **cache_kwargs(cache),
                 **step_kwargs,
             )
-            logits, cache = out.logits[:, -1], out.past_key_values
+            logits, cache = out.logits[:, -1], cache_of(out)
             next_pos = next_pos + 1
     if shared_attention and step > 0 and shared.calls == 0:
         raise RuntimeError(

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from popri_flwr.models.kv_cache import cache_kwargs, cache_of
+
 
 def encode_completions(
     tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], max_length: int
@@ -77,7 +79,7 @@ def _shared_prefix_nll(
         logits_to_keep=1,
     )
     counts = torch.tensor([len(g) for g in groups], device=device)
-    cache = out.past_key_values
+    cache = cache_of(out)
     for layer in cache.layers:
         layer.keys = layer.keys.repeat_interleave(counts, dim=0)
         layer.values = layer.values.repeat_interleave(counts, dim=0)
@@ -99,8 +101,8 @@ def _shared_prefix_nll(
         input_ids=c_ids.to(device),
         attention_mask=mask.to(device),
         position_ids=c_pos.to(device),
-        past_key_values=cache,
         use_cache=False,
+        **cache_kwargs(cache),
     ).logits
     logits = torch.cat([first[:, None], logits[:, :-1]], dim=1)
     return torch.nn.functional.cross_entropy(
