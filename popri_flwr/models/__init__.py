@@ -1,2 +1,2 @@
 """Models: loading (packaged GGUF, Hub, local), generation and token sampling, the DPO step,
-the sentence embedder. No Flower imports."""
+the tilt's weighted fit, the sentence embedder. No Flower imports."""
